@@ -1,0 +1,132 @@
+"""Typed run configuration: dataclass schemas -> OmegaConf, YAML layers, ``key=value`` overrides, validation.
+
+Every command has a dataclass schema (defined beside the code that uses it). A run's config is built as
+
+    schema defaults  <-  YAML layer 1  <-  YAML layer 2 ...  <-  command-line ``key=value`` overrides
+
+Unknown keys and wrong types are rejected with a message that names the key and lists the valid ones. The
+resolved config is saved as ``config.yaml`` in every run directory, so a run can be repeated from it alone.
+YAML is parsed with OmegaConf (safe loading); no code from a config is ever executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from dmd_dar.errors import UserError
+from dmd_dar.utils.io import atomic_write_text
+
+T = TypeVar("T")
+
+
+def _valid_keys(schema_node: DictConfig, dotted: str) -> list[str]:
+    """The valid keys at the level of ``dotted`` in the schema."""
+    node: Any = schema_node
+    for part in dotted.split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(exc: OmegaConfBaseException, schema_node: DictConfig, source: str) -> UserError:
+    key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError | ConfigAttributeError):
+        valid = _valid_keys(schema_node, key)
+        leaf = key.split(".")[-1]
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return UserError(f"{source}: unknown config key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return UserError(f"{source}: bad value for config key '{key}': {msg}")
+    return UserError(f"{source}: {str(exc).splitlines()[0]}")
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from exc
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"{path}: a config file must hold a mapping of keys, not a {type(cfg).__name__}")
+    return cfg
+
+
+def build_config(schema: type[T], layers: list[str | Path] = (), overrides: list[str] = ()) -> T:
+    """Build a validated ``schema`` instance from YAML layers and dotlist overrides.
+
+    ``overrides`` are strings like ``"model.depth=4"`` or ``"routing.kind=dar"``.
+    """
+    base = OmegaConf.structured(schema)
+    cfg = base
+    for layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, load_yaml(layer))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, base, str(layer)) from exc
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value (for example model.depth=4)")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, base, "command line") from exc
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"config keys without a value: {', '.join(missing)}; set them with key=value")
+    try:
+        return OmegaConf.to_object(cfg)  # runs each dataclass's __post_init__ validation
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, base, "config") from exc
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: Any, run_dir: str | Path) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` (atomically)."""
+    return atomic_write_text(to_yaml(cfg), Path(run_dir) / "config.yaml")
+
+
+def load_saved_config(schema: type[T], path: str | Path) -> T:
+    """Rebuild a schema instance from a saved ``config.yaml``."""
+    return build_config(schema, [path])
+
+
+def diff_configs(old: Any, new: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (for refusing a resume with a changed config)."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def replace_in(cfg: T, **changes: Any) -> T:
+    return dataclasses.replace(cfg, **changes)

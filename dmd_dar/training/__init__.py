@@ -1,0 +1,1 @@
+"""Training plumbing shared by teacher pretraining and distillation: checkpoints, EMA, optimisers, seeding."""

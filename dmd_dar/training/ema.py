@@ -1,0 +1,46 @@
+"""Exponential moving average of a network's parameters (buffers are copied)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Holds an EMA copy of ``model``: ``ema = decay * ema + (1 - decay) * param`` after each update.
+
+    ``warmup`` uses the usual ``min(decay, (1 + step) / (10 + step))`` ramp so early averages are not dominated
+    by the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup = decay, warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        ema_params = dict(self.model.named_parameters())
+        for name, p in model.named_parameters():
+            ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - d)
+        ema_buffers = dict(self.model.named_buffers())
+        for name, b in model.named_buffers():
+            ema_buffers[name].copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        self.model.load_state_dict(state)
+        self.num_updates = num_updates
