@@ -177,3 +177,13 @@ def test_timestep_samplers_ranges():
     assert abs(float(unshift(t, 3.0).mean()) - 0.5) < 0.02  # uniform before the shift
     with pytest.raises(UserError):
         dm_timestep_range(0.9, 0.1)
+
+
+@pytest.mark.parametrize("kind,pred", [("flow", "velocity"), ("vp", "eps"), ("vp", "v"), ("vp", "x0")])
+def test_score_of_exact_denoiser_is_gaussian_score(kind, pred):
+    path = make_path(kind, pred, dtype=torch.float64)
+    x_t = torch.randn(5, 2, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
+    a, s = path.alpha_sigma(t, like=x_t)
+    expected = -(x_t - a * MU) / (a * a * STD * STD + s * s)  # grad log N(x_t; a mu, a^2 std^2 + s^2)
+    torch.testing.assert_close(path.score(exact_denoiser(path)(x_t, t), x_t, t), expected)

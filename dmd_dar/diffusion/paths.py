@@ -232,6 +232,7 @@ class VPPath(NoisePath):
         super().__init__(prediction, dtype, min_divisor)
         self.num_train_steps = int(num_train_steps)
         self._log_snr_table = _ddpm_log_snr_table(self.num_train_steps, beta_start, beta_end)  # [N] float64
+        self._tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def timestep_to_t(self, index: Tensor | int) -> Tensor:
         """Discrete DDPM index (0..N-1) to continuous ``t``."""
@@ -243,7 +244,10 @@ class VPPath(NoisePath):
 
     def _interp(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Interpolated log-SNR and its derivative d(log-SNR)/dt at ``t`` (any shape)."""
-        table = self._log_snr_table.to(device=t.device, dtype=t.dtype)  # [N]
+        key = (t.device, t.dtype)
+        table = self._tables.get(key)
+        if table is None:  # one copy per device/dtype, not a host-to-device copy per call
+            table = self._tables[key] = self._log_snr_table.to(device=t.device, dtype=t.dtype)  # [N]
         pos = t.clamp(0, 1) * (self.num_train_steps - 1)
         lo = pos.floor().long().clamp(0, self.num_train_steps - 2)
         frac = pos - lo.to(pos.dtype)

@@ -170,7 +170,8 @@ def few_step_sample(x0_fn: DenoiseFn, path: NoisePath, z: Tensor, timesteps: Seq
                     generator: torch.Generator | None = None) -> Tensor:
     """DMD2 multi-step sampling: at each student time ``t_k`` predict x0 with ``x0_fn(x_t, t)``, re-noise it
     with fresh Gaussian noise to ``t_{k+1}``; the last step returns the x0 prediction. ``z`` is the input at
-    ``timesteps[0]`` (pure noise when it is 1)."""
+    ``timesteps[0]`` (pure noise when it is 1). Runs under ``no_grad`` (inference and DMD2 backward simulation);
+    a training step calls the student directly on the re-noised input."""
     ts = [float(t) for t in timesteps]
     if not ts:
         raise UserError("few_step_sample needs at least one student timestep")
