@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from dmd_dar.errors import UserError
 from dmd_dar.metrics.availability import MetricUnavailable
 from dmd_dar.metrics.protocol import file_fingerprint, package_versions
+from dmd_dar.metrics.weights import load_weights_file
 
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
@@ -249,28 +250,6 @@ INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision IMAGENET1K_V1
 
 def default_inception_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
-
-
-def load_weights_file(path: str | os.PathLike, metric: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a ``torch.load(weights_only=True)`` file; never executes code."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MetricUnavailable(metric, path, "weights file not found")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickles with code, corrupt files
-            raise UserError(f"cannot load weights from {path} with weights_only=True ({err}); "
-                            "convert it to .safetensors") from err
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise UserError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 class InceptionFeatures:
