@@ -47,6 +47,8 @@ def try_metric(metric: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
         result = fn(*args, **kwargs)
     except MetricUnavailable as err:
         rec = err.record()
-        rec.setdefault("metric", metric)
+        if err.metric != metric:  # e.g. CMMD unavailable because its CLIP model is
+            rec["component"] = err.metric
+        rec["metric"] = metric
         return None, rec
     return result, {"available": True, "metric": metric}
