@@ -22,7 +22,7 @@ from dmd_dar.errors import UserError
 Tensor = torch.Tensor
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["cfg", "cfg_x0", "guided", "timestep_grid", "euler_sample", "heun_sample", "ddim_sample", "sample_ode",
+__all__ = ["cfg", "cfg_x0", "cat_conditions", "guided", "timestep_grid", "euler_sample", "heun_sample", "ddim_sample", "sample_ode",
            "ODE_SAMPLERS", "student_timesteps", "few_step_sample"]
 
 
@@ -36,7 +36,7 @@ def cfg_x0(x0_cond: Tensor, x0_uncond: Tensor, scale: float) -> Tensor:
     return x0_cond + (scale - 1) * (x0_cond - x0_uncond)
 
 
-def _cat(a: Any, b: Any) -> Any:
+def cat_conditions(a: Any, b: Any) -> Any:
     """Concatenate conditioning along the batch: tensors, or dicts/lists/tuples of them, or None.
     A batch-1 ``b`` (a shared null condition) is expanded to ``a``'s batch."""
     if a is None:
@@ -46,9 +46,9 @@ def _cat(a: Any, b: Any) -> Any:
             b = b.expand(a.shape[0], *b.shape[1:])
         return torch.cat([a, b], 0)
     if isinstance(a, dict):
-        return {k: _cat(a[k], b[k]) for k in a}
+        return {k: cat_conditions(a[k], b[k]) for k in a}
     if isinstance(a, (list, tuple)):
-        return type(a)(_cat(x, y) for x, y in zip(a, b, strict=True))
+        return type(a)(cat_conditions(x, y) for x, y in zip(a, b, strict=True))
     raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
 
 
@@ -64,7 +64,7 @@ def guided(model_fn: Callable[[Tensor, Tensor, Any], Tensor], scale: float, cond
             t = t.expand(x_t.shape[0])  # [B]
         if scale == 1.0:
             return model_fn(x_t, t, cond)
-        out = model_fn(torch.cat([x_t, x_t], 0), torch.cat([t, t], 0), _cat(cond, null_cond))  # [2B, ...]
+        out = model_fn(torch.cat([x_t, x_t], 0), torch.cat([t, t], 0), cat_conditions(cond, null_cond))  # [2B, ...]
         c, u = out.chunk(2, 0)
         return cfg(c, u, scale)
 

@@ -1,0 +1,74 @@
+"""``DistillConfig``: everything ``dmd-dar distill`` needs. Each DMD2 variant is one flag here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dmd_dar.errors import UserError
+from dmd_dar.routing import RoutingConfig
+from dmd_dar.training.batches import DataConfig
+from dmd_dar.training.optim import OptimConfig
+from dmd_dar.training.run import RunConfig
+
+REGRESSION_KINDS = ("mse", "lpips")
+GAN_FEATURES = ("final", "mid")
+
+
+@dataclass
+class MethodConfig:
+    """DMD2 as in the official code (reference/dmd_anchors.md §2.1), with every deviation behind a flag."""
+
+    guidance_scale: float = 2.0  # CFG of the real score (teacher), applied in x0 space
+    fake_guidance_scale: float = 1.0  # CFG of the fake score; 1 = off (DMD2 asserts it)
+    t_min: float = 0.02  # DM timestep range, fraction of [0, 1] before the teacher's shift
+    t_max: float = 0.98
+    fake_t_min: float = 0.0  # fake-score denoising timesteps (the full range)
+    fake_t_max: float = 1.0
+    ttur: int = 5  # fake-score updates per generator update
+    student_steps: int = 1  # 1 = one-step generator; 2, 4 ... = few-step with the schedule below
+    backward_simulation: bool = True  # few-step: feed the student its own earlier outputs (DMD2 SDXL)
+    dm_weight: float = 1.0
+    gan_weight: float = 0.0  # generator GAN weight; 0 disables the GAN head (DMD2 stage 1)
+    gan_disc_weight: float = 1e-2  # discriminator loss weight inside the critic loss
+    gan_feature: str = "final"  # fake-score tokens fed to the GAN head: final (head input) | mid (middle sublayer)
+    gan_max_t: float = 1.0  # diffusion-GAN: real and fake images noised with t ~ U[0, gan_max_t]
+    regression_weight: float = 0.0  # DMD1 regression onto teacher ODE pairs; 0 disables
+    regression_loss: str = "mse"  # mse | lpips
+    regression_pairs: int = 256  # number of cached (noise, label, teacher sample) pairs
+    regression_steps: int = 50  # teacher ODE steps for the pairs
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise UserError(f"method.t_min={self.t_min}, method.t_max={self.t_max}: need 0 <= t_min < t_max <= 1")
+        if self.ttur < 1:
+            raise UserError(f"method.ttur={self.ttur} must be >= 1 (fake updates per generator update)")
+        if self.student_steps < 1:
+            raise UserError(f"method.student_steps={self.student_steps} must be >= 1")
+        if self.regression_loss not in REGRESSION_KINDS:
+            raise UserError(f"method.regression_loss={self.regression_loss!r}; choose one of mse, lpips")
+        if self.gan_feature not in GAN_FEATURES:
+            raise UserError(f"method.gan_feature={self.gan_feature!r}; choose one of final, mid")
+
+
+@dataclass
+class NetworksConfig:
+    """Which networks are built from the teacher, and how each one routes."""
+
+    teacher: str = "assets/teacher"  # exported teacher folder (the embedded teacher by default)
+    student_routing: RoutingConfig = field(default_factory=lambda: RoutingConfig(kind="dar", query="static_t"))
+    fake_routing: RoutingConfig = field(default_factory=RoutingConfig)  # residual: a plain copy of the teacher
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DistillConfig:
+    networks: NetworksConfig = field(default_factory=NetworksConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # real images: GAN and no-backsim few-step inputs
+    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=20, grad_clip=10.0))
+    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=20, grad_clip=10.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill", steps=1000, batch_size=32,
+                                                            sample_every=200, ckpt_every=200))
+    ema_decay: float = 0.99
+    debug_grid_every: int = 200  # dump generator / real-score / fake-score x0 grids; 0 disables
+    max_bad_steps: int = 10  # consecutive non-finite steps before stopping

@@ -1,0 +1,207 @@
+"""DMD2 (Yin et al. 2024): one generator step and one critic step, each returning ``(loss, logs)``.
+
+The method owns no optimizer and knows nothing about devices or processes; the trainer calls
+``generator_step`` every ``ttur``-th iteration and ``critic_step`` every iteration, as the official code does.
+
+    generator:  x = G(x_{t_k}, t_k, c)                    (t_0 = 1: pure noise; few-step: backward simulation)
+                t ~ U[t_min, t_max] (teacher shift), x_t = noise(x, eps, t)
+                x0_real = teacher(x_t, t, c) with CFG, x0_fake = fake(x_t, t, c)   (no grad)
+                L_G = w_dm * 0.5 ||x - sg(x - g)||^2 [+ w_gan * softplus(-D(x))] [+ w_reg * L_reg]
+    critic:     L_fake = teacher-parameterisation denoising loss of fake on sg(x) [+ w_d * L_D(real, fake)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dmd_dar.diffusion.objective import denoising_loss
+from dmd_dar.diffusion.timesteps import shift as apply_shift
+from dmd_dar.distill.config import MethodConfig
+from dmd_dar.distill.denoiser import Denoiser
+from dmd_dar.distill.gan import score_features
+from dmd_dar.distill.health import grad_norm_wrt, per_bucket_rms
+from dmd_dar.distill.losses import (
+    distribution_matching_loss,
+    dm_gradient,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    regression_loss,
+)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None):
+    """Temporarily stop parameter gradients of ``modules`` (inputs still get gradients through them)."""
+    saved = []
+    for m in modules:
+        if m is not None:
+            for p in m.parameters():
+                saved.append((p, p.requires_grad))
+                p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _inner(net: nn.Module) -> nn.Module:
+    """The module inside a DDP/FSDP wrapper: forwards that must not join gradient synchronisation use it."""
+    return getattr(net, "module", net)
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+@dataclass
+class RegressionPairs:
+    """Cached teacher ODE pairs for the DMD1 regression loss: noise [N,C,H,W], conditions [N], targets [N,C,H,W]."""
+
+    noise: torch.Tensor
+    cond: torch.Tensor
+    target: torch.Tensor
+
+
+class DMD2:
+    """The DMD2 objective over three score networks sharing one parameterisation.
+
+    generator: the student, ``Denoiser`` whose x0 prediction at the student times is the sample.
+    fake:      the trainable fake-score network.
+    teacher:   the frozen real score (with ``null_cond`` for CFG).
+    """
+
+    def __init__(self, cfg: MethodConfig, generator: Denoiser, fake: Denoiser, teacher: Denoiser,
+                 student_times: list[float], shift: float = 1.0, gan_head: nn.Module | None = None,
+                 regression: RegressionPairs | None = None, lpips_fn=None) -> None:
+        if cfg.gan_weight > 0 and gan_head is None:
+            raise ValueError("method.gan_weight > 0 needs a GAN head")
+        if cfg.regression_weight > 0 and regression is None:
+            raise ValueError("method.regression_weight > 0 needs cached regression pairs")
+        self.cfg, self.generator, self.fake, self.teacher = cfg, generator, fake, teacher
+        self.path = teacher.path
+        self.student_times = list(student_times)
+        self.shift = shift
+        self.gan_head = gan_head
+        self.regression = regression
+        self.lpips_fn = lpips_fn
+
+    # -- timesteps ---------------------------------------------------------------------------------------------
+    def dm_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """DM timesteps: uniform in [t_min, t_max], then the teacher's flow shift."""
+        return apply_shift(_uniform(n, self.cfg.t_min, self.cfg.t_max, gen), self.shift).float()
+
+    def fake_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return apply_shift(_uniform(n, self.cfg.fake_t_min, self.cfg.fake_t_max, gen), self.shift).float()
+
+    # -- the generator -----------------------------------------------------------------------------------------
+    def generator_input(self, noise: torch.Tensor, cond, gen: torch.Generator, shared: torch.Generator,
+                        real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_{t_k}, t_k [B]): the student's input for this step.
+
+        One step: pure noise at t_0. Few steps: pick k (shared by all processes), then either run the student
+        itself from noise through steps 0..k-1 without gradients (backward simulation), or noise real images to t_k.
+        """
+        b = noise.shape[0]
+        k = int(torch.randint(len(self.student_times), (1,), generator=shared))
+        t_k = torch.full((b,), self.student_times[k], device=noise.device)
+        if k == 0:
+            return noise, t_k
+        if self.cfg.backward_simulation:
+            x = noise
+            with torch.no_grad():
+                for j in range(k):
+                    t_j = torch.full((b,), self.student_times[j], device=noise.device)
+                    x0 = self.generator.x0(x, t_j, cond)
+                    eps = torch.randn(x0.shape, generator=gen).to(x0)
+                    x = self.path.add_noise(x0, eps, torch.full((b,), self.student_times[j + 1], device=x0.device))
+            return x.to(noise.dtype), t_k
+        if real is None:
+            raise ValueError("few-step training without backward simulation needs real images")
+        return self.path.add_noise(real, noise, t_k).to(noise.dtype), t_k
+
+    def generate(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The student's sample (x0 prediction) at (x_t, t); differentiable."""
+        return self.generator.x0(x_t, t, cond).to(x_t.dtype)
+
+    def generator_step(self, x: torch.Tensor, cond, gen: torch.Generator,
+                       with_diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+        """Generator loss for samples ``x`` (with graph). Returns (loss, logs, debug tensors for image grids)."""
+        cfg = self.cfg
+        b = x.shape[0]
+        t = self.dm_timesteps(b, gen).to(x.device)
+        eps = torch.randn(x.shape, generator=gen).to(x)
+        with torch.no_grad():
+            x_t = self.path.add_noise(x.detach(), eps, t).to(x.dtype)
+            x0_real = self.teacher.x0(x_t, t, cond, guidance=cfg.guidance_scale)
+            x0_fake = self.fake.x0(x_t, t, cond, guidance=cfg.fake_guidance_scale)
+        loss_dm = distribution_matching_loss(x, x0_real, x0_fake)
+        loss = cfg.dm_weight * loss_dm
+        logs: dict[str, float] = {"gen/dm_loss": loss_dm.item(),
+                                  "gen/x_mean": x.detach().float().mean().item(),
+                                  "gen/x_std": x.detach().float().std().item()}
+        g = dm_gradient(x.detach(), x0_real, x0_fake)
+        logs.update(per_bucket_rms(g, t.cpu(), "dm_grad"))
+        loss_gan = None
+        if cfg.gan_weight > 0:
+            # Unwrapped fake score and head: their parameters take no part in this step.
+            fake_net, head = _inner(self.fake.net), _inner(self.gan_head)
+            with frozen(fake_net, head):
+                t_g = _uniform(b, 0.0, cfg.gan_max_t, gen).float().to(x.device)
+                x_g = self.path.add_noise(x, torch.randn(x.shape, generator=gen).to(x), t_g).to(x.dtype)
+                logits = head(score_features(fake_net, x_g, t_g, cond, cfg.gan_feature))
+                loss_gan = gan_generator_loss(logits)
+            loss = loss + cfg.gan_weight * loss_gan
+            logs.update({"gen/gan_loss": loss_gan.item(), "gan/logits_gen": logits.mean().item()})
+        if cfg.regression_weight > 0:
+            loss_reg = self._regression_loss(gen, x.device, x.dtype)
+            loss = loss + cfg.regression_weight * loss_reg
+            logs["gen/regression_loss"] = loss_reg.item()
+        if with_diagnostics and loss_gan is not None and x.requires_grad:
+            dm_norm = grad_norm_wrt(cfg.dm_weight * loss_dm, x)
+            gan_norm = grad_norm_wrt(cfg.gan_weight * loss_gan, x)
+            logs["gen/gan_to_dm_grad_ratio"] = gan_norm / max(dm_norm, 1e-12)
+        logs["gen/loss"] = loss.item()
+        debug = {"generator": x.detach(), "real_x0": x0_real, "fake_x0": x0_fake, "t": t}
+        return loss, logs, debug
+
+    def _regression_loss(self, gen: torch.Generator, device, dtype) -> torch.Tensor:
+        pairs = self.regression
+        idx = torch.randint(pairs.noise.shape[0], (min(pairs.noise.shape[0], 16),), generator=gen)
+        z = pairs.noise[idx].to(device, dtype)
+        t0 = torch.full((z.shape[0],), self.student_times[0], device=device)
+        x = self.generate(z, t0, pairs.cond[idx].to(device))
+        return regression_loss(x, pairs.target[idx].to(device), self.cfg.regression_loss, self.lpips_fn)
+
+    # -- the critic --------------------------------------------------------------------------------------------
+    def critic_step(self, x: torch.Tensor, cond, gen: torch.Generator,
+                    real: torch.Tensor | None = None, real_cond=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Fake-score denoising loss on the generator's samples (detached) [+ the GAN discriminator loss]."""
+        cfg = self.cfg
+        x = x.detach()
+        b = x.shape[0]
+        t = self.fake_timesteps(b, gen).to(x.device)
+        eps = torch.randn(x.shape, generator=gen).to(x)
+        loss_fake = denoising_loss(lambda x_t, tt: self.fake.pred(x_t, tt, cond), self.path, x, eps, t)
+        loss = loss_fake
+        logs = {"critic/fake_loss": loss_fake.item()}
+        if cfg.gan_weight > 0:
+            if real is None:
+                raise ValueError("the GAN needs real images")
+            both = torch.cat([x, real.to(x)])
+            both_cond = torch.cat([cond, real_cond if real_cond is not None else cond])
+            t_g = _uniform(both.shape[0], 0.0, cfg.gan_max_t, gen).float().to(x.device)
+            noised = self.path.add_noise(both, torch.randn(both.shape, generator=gen).to(x), t_g).to(x.dtype)
+            logits = self.gan_head(score_features(self.fake.net, noised, t_g, both_cond, cfg.gan_feature))
+            logits_fake, logits_real = logits[:b], logits[b:]
+            loss_d = gan_discriminator_loss(logits_fake, logits_real)
+            loss = loss + cfg.gan_disc_weight * loss_d
+            acc = 0.5 * ((logits_fake < 0).float().mean() + (logits_real > 0).float().mean())
+            logs.update({"critic/gan_d_loss": loss_d.item(), "gan/logits_fake": logits_fake.mean().item(),
+                         "gan/logits_real": logits_real.mean().item(), "gan/accuracy": acc.item()})
+        logs["critic/loss"] = loss.item()
+        return loss, logs

@@ -1,0 +1,66 @@
+"""Run-level settings and the accelerate set-up shared by every trainer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmd_dar.errors import UserError
+
+log = logging.getLogger("dmd_dar")
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "none")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how long it runs, how it logs and checkpoints."""
+
+    out_dir: str = "runs/run"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 64  # per process
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast)
+    cpu: bool = False  # force CPU even where CUDA is available
+    log_every: int = 25
+    sample_every: int = 250  # sample grids; 0 disables
+    ckpt_every: int = 250  # 0 disables periodic checkpoints (the final state is always saved)
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the run directory's latest checkpoint when one exists
+    log_with: str = "tensorboard"  # tensorboard | wandb | none
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(f"run.mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
+        if self.log_with not in TRACKERS:
+            raise UserError(f"run.log_with={self.log_with!r}; choose one of {', '.join(TRACKERS)}")
+        for key in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"run.{key}={getattr(self, key)} must be >= 1")
+
+
+def make_accelerator(run: RunConfig, project: str):
+    """An ``accelerate.Accelerator`` for this run (DDP/FSDP come from ``accelerate launch``'s config)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    Path(run.out_dir).mkdir(parents=True, exist_ok=True)
+    log_with = None if run.log_with == "none" else run.log_with
+    if log_with == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise UserError("run.log_with=wandb needs the wandb package: pip install 'dmd-dar[wandb]'") from exc
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision,
+        gradient_accumulation_steps=run.grad_accum,
+        cpu=run.cpu,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=run.out_dir, logging_dir=os.path.join(run.out_dir, "logs")),
+    )
+    return accelerator
