@@ -1,0 +1,106 @@
+"""Report plots (matplotlib, Agg backend): RAPSD overlay, spectral gap curves, HF gap per class.
+
+Each function takes the metrics dict written by ``dmd-dar eval`` and returns PNG bytes (or None when the data is
+not there), so the HTML can embed them and the caller can write them next to it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _finite(xs, ys):
+    pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and y > 0]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def rapsd_plot(metrics: dict[str, Any]) -> bytes | None:
+    """Mean radial spectra of every set, log-log; the reference dashed black."""
+    sets = {n: e for n, e in metrics["sets"].items() if isinstance(e.get("spectral"), dict) and "rho" in e["spectral"]}
+    if not sets:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, e in sets.items():
+        x, y = _finite(e["spectral"]["rho"], e["spectral"]["mean_rapsd"])
+        ref = e["role"] == "reference"
+        ax.loglog(x, y, "k--" if ref else "-", lw=2.2 if ref else 1.4, label=f"{name} (n={e['n']})")
+    c = metrics["protocol"]["config"]["hf_cutoff"]
+    ax.axvline(c, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("radial frequency rho (fraction of Nyquist)")
+    ax.set_ylabel("mean RAPSD (luma, [0,1] scale)")
+    ax.set_title("Radially averaged power spectra")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def gap_plot(metrics: dict[str, Any]) -> bytes | None:
+    """Per-bin spectral gap in dB of each comparison (0 = same energy as its reference)."""
+    comps = [c for c in metrics["comparisons"] if isinstance(c.get("spectral"), dict)]
+    if not comps:
+        return None
+    rho = next(e["spectral"]["rho"] for e in metrics["sets"].values() if "spectral" in e)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for c in comps:
+        pts = [(x, y) for x, y in zip(rho, c["spectral"]["gap_db_curve"]) if y is not None and math.isfinite(y)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=c["name"], lw=1.4,
+                ls="-" if c["kind"] == "reference" else "--")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(metrics["protocol"]["config"]["hf_cutoff"], color="0.6", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("radial frequency rho (fraction of Nyquist)")
+    ax.set_ylabel("gap 10 log10(P_samples / P_ref) [dB]")
+    ax.set_title("Spectral gap (negative = missing energy)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def hf_gap_per_group_plot(metrics: dict[str, Any], max_groups: int = 24) -> bytes | None:
+    """HF gap (dB) per class / prompt for each comparison, with its bootstrap CI as error bars."""
+    comps = [c for c in metrics["comparisons"] if c.get("spectral", {}).get("per_group_hf_gap_db")]
+    if not comps:
+        return None
+    groups: list[str] = []
+    for c in comps:
+        groups += [g for g in c["spectral"]["per_group_hf_gap_db"] if g not in groups]
+    groups = groups[:max_groups]
+    width = 0.8 / len(comps)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(groups) * max(1, len(comps) / 2)), 4.2))
+    for k, c in enumerate(comps):
+        per = c["spectral"]["per_group_hf_gap_db"]
+        xs, ys, lo, hi = [], [], [], []
+        for i, g in enumerate(groups):
+            d = per.get(g)
+            if d is None or d.get("estimate") is None:
+                continue
+            xs.append(i + (k - (len(comps) - 1) / 2) * width)
+            ys.append(d["estimate"])
+            lo.append(d["estimate"] - (d["low"] if d["low"] is not None else d["estimate"]))
+            hi.append((d["high"] if d["high"] is not None else d["estimate"]) - d["estimate"])
+        ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=c["name"])
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([g if len(g) <= 24 else g[:22] + ".." for g in groups], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("HF gap [dB] (rho >= cutoff)")
+    ax.set_title("High-frequency gap per class / prompt (95% bootstrap CI)")
+    ax.grid(True, axis="y", alpha=0.25)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+PLOTS = {"rapsd.png": rapsd_plot, "gap_db.png": gap_plot, "hf_gap_per_group.png": hf_gap_per_group_plot}

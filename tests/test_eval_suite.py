@@ -1,0 +1,89 @@
+"""Suites: generate sample folders from a tiny exported model + a procedural reference, skip complete ones."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
+from dmd_dar.config import build_config
+from dmd_dar.errors import UserError
+from dmd_dar.evaluation import EvalConfig, run
+from dmd_dar.evaluation.suite import apply_suite_settings, load_suite
+from dmd_dar.models import build_model, preset_config
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = """
+name: tiny
+out_dir: {out}
+models:
+  - {{name: teacher, checkpoint: {ckpt}, steps: 2, cfg_scale: 1.5}}
+  - {{name: teacher_1step, checkpoint: {ckpt}, steps: 1}}
+num_per_class: 2
+seed: 3
+batch_size: 8
+device: cpu
+reference: {{kind: procedural, split: heldout, num_per_class: 2}}
+metrics: [spectral, lpips_fidelity]
+eval: {{bootstrap: 50, report: false, lpips: {{random_backbone: true}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def suite_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    model = build_model(preset_config("tiny", num_classes=2))
+    meta = ArtifactMeta(role="teacher", diffusion=DiffusionConfig(sample_steps=2),
+                        class_names=["stripes_high", "smooth_blobs"])
+    save_artifact(root / "tiny_teacher", model, meta)
+    path = root / "tiny.yaml"
+    path.write_text(SUITE.format(out=root / "out", ckpt=root / "tiny_teacher"))
+    return path
+
+
+def test_suite_generates_evaluates_and_skips_complete_folders(suite_file, capsys):
+    out = suite_file.parent / "out"
+    run(build_config(EvalConfig, [], [f"suite={suite_file}"]))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["protocol"]["n"] == {"teacher": 4, "teacher_1step": 4, "reference": 4}
+    assert m["protocol"]["resolution"] == [16, 16] and m["protocol"]["config"]["bootstrap"] == 50
+    assert [i["generated"] for i in m["protocol"]["suite"]["models"]] == [True, True]
+    assert m["protocol"]["suite"]["reference"]["split"] == "heldout"
+    recs = [json.loads(x) for x in (out / "samples" / "teacher" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["class_name"], r["seed"]) for r in recs] == [("stripes_high", 3), ("stripes_high", 4),
+                                                          ("smooth_blobs", 3), ("smooth_blobs", 4)]
+    ref = [json.loads(x) for x in (out / "reference" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["class_name"] for r in ref} == {"stripes_high", "smooth_blobs"} and ref[0]["caption"]
+    c = m["comparisons"][2]
+    assert c["name"] == "teacher_1step vs teacher" and c["pairing"]["n"] == 4
+    assert "at least 32x32" in c["lpips_fidelity"]["needs"]  # 16x16 images: recorded, not a crash
+    assert set(c["spectral"]["per_group_hf_gap_db"]) == {"stripes_high", "smooth_blobs"}
+    stamp = (out / "samples" / "teacher" / "00000.png").stat().st_mtime_ns
+    capsys.readouterr()
+    run(build_config(EvalConfig, [], [f"suite={suite_file}", "bootstrap=20"]))  # the command line wins
+    log = capsys.readouterr().out
+    assert log.count("is complete") == 3 and "sampling" not in log
+    assert (out / "samples" / "teacher" / "00000.png").stat().st_mtime_ns == stamp
+    assert json.loads((out / "metrics.json").read_text())["protocol"]["config"]["bootstrap"] == 20
+
+
+def test_suite_settings_fill_only_defaults():
+    cfg = build_config(EvalConfig, [], ["bootstrap=7"])
+    new = apply_suite_settings(cfg, {"bootstrap": 99, "clip": {"prefix": "", "hint": "dmd-dar train-clip"}})
+    assert new.bootstrap == 7 and new.clip.prefix == "" and new.clip.hint == "dmd-dar train-clip"
+    with pytest.raises(UserError, match="not an eval config key"):
+        apply_suite_settings(cfg, {"clip": {"nope": 1}})
+
+
+def test_shipped_suites_parse_and_t2i_writes_a_generation_plan(tmp_path):
+    emb = load_suite(REPO / "eval/suites/embedded.yaml")
+    assert emb.eval["clip"]["hint"] == "dmd-dar train-clip" and emb.reference.split == "heldout"
+    t2i = load_suite(REPO / "eval/suites/t2i_detail.yaml")
+    assert all(m.samples for m in t2i.models)
+    prompts = [p for p in open(REPO / "eval/prompts/detail_prompts.txt", encoding="utf-8").read().splitlines() if p.strip()]
+    assert len(prompts) >= 200 and len(set(prompts)) == len(prompts)
+    with pytest.raises(UserError, match="generation_plan.jsonl"):
+        run(build_config(EvalConfig, [], [f"suite={REPO / 'eval/suites/t2i_detail.yaml'}", f"out_dir={tmp_path}"]))
+    plan = [json.loads(x) for x in (tmp_path / "generation_plan.jsonl").read_text().splitlines()]
+    assert len(plan) == 4 * len(prompts) and plan[1] == {"file": "00001.png", "index": 1, "seed": 1,
+                                                         "caption": prompts[0]}
