@@ -21,8 +21,11 @@ Never silently wrong:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import tempfile
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -78,6 +81,37 @@ def cached_weights_path(model_name: str, tag: str, cache_dir: str | None = None)
     return (target if os.path.isfile(target) else None), target
 
 
+_LOCAL_CONFIG_DIR: str | None = None
+
+
+def register_model_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """Register a local open_clip architecture JSON (flat, or ``open_clip_config.json`` style with ``model_cfg``
+    and ``preprocess_cfg``) under a name derived from its path; returns ``(name, preprocess_cfg)``."""
+    import open_clip
+
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise MetricUnavailable("clip_score", path, "open_clip model config JSON not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable open_clip config JSON ({err}); fix or regenerate it") from err
+    cfg = raw.get("model_cfg", raw) if isinstance(raw, dict) else None
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise UserError(f"{path}: an open_clip config needs 'embed_dim', 'vision_cfg' and 'text_cfg' "
+                        "(top level or under 'model_cfg')")
+    global _LOCAL_CONFIG_DIR
+    if _LOCAL_CONFIG_DIR is None:  # open_clip registers configs from files named <model name>.json
+        _LOCAL_CONFIG_DIR = tempfile.mkdtemp(prefix="dmd_dar_open_clip_")
+    name = "local-" + hashlib.sha1(path.encode()).hexdigest()[:10]
+    cfg_file = os.path.join(_LOCAL_CONFIG_DIR, f"{name}.json")
+    with open(cfg_file, "w", encoding="utf-8") as fh:
+        json.dump(cfg, fh)
+    open_clip.add_model_config(cfg_file)
+    return name, dict(raw.get("preprocess_cfg", {})) if "model_cfg" in raw else {}
+
+
 def _center_crop_square(img: Any) -> Any:
     w, h = img.size
     s = min(w, h)
@@ -100,16 +134,22 @@ class OpenClipModel:
     ``weights_file`` a local checkpoint (overrides the cache). ``random_init=True`` (tests only) builds the
     architecture with random weights. ``pre_resize`` (DMD2: 256) centre-crops to a square and LANCZOS-resizes
     before open_clip's transform; ``None`` skips it. ``image_resize_mode`` overrides the tag's resize mode
-    (``"squash"`` for CMMD).
+    (``"squash"`` for CMMD). ``model_config`` is a local architecture JSON (e.g. the in-domain model's
+    ``open_clip_config.json``) that replaces ``model_name``; its ``preprocess_cfg`` applies when no tag does.
     """
 
     def __init__(self, model_name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_TAG,
                  weights_file: str | os.PathLike | None = None, cache_dir: str | None = None,
                  pre_resize: int | None = DMD2_PRE_RESIZE, image_resize_mode: str | None = None,
                  quick_gelu: bool | None = None, device: str | torch.device = "cpu",
-                 random_init: bool = False) -> None:
+                 random_init: bool = False, model_config: str | os.PathLike | None = None) -> None:
         import open_clip
 
+        file_pp: dict[str, Any] = {}
+        self._config_file = None
+        if model_config is not None:
+            model_name, file_pp = register_model_config(model_config)
+            self._config_file = file_fingerprint(model_config)
         self.model_name = model_name
         self.tag = pretrained
         tag_cfg = _tag_cfg(model_name, pretrained)
@@ -138,7 +178,8 @@ class OpenClipModel:
         if arch_quick and quick_gelu is False:
             raise UserError(f"'{model_name}' is a QuickGELU architecture but quick_gelu=False was asked; "
                             "use the model name without '-quickgelu'")
-        pp = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+        pp = {k: v for k, v in file_pp.items() if k in ("mean", "std", "interpolation", "resize_mode")}
+        pp.update({k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg})
         if image_resize_mode is not None:
             pp["resize_mode"] = image_resize_mode
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -195,7 +236,8 @@ class OpenClipModel:
 
     def protocol(self) -> dict[str, Any]:
         return {
-            "model": self.model_name, "pretrained_tag": self.tag, "weights": self._weights,
+            "model": self.model_name, "model_config": self._config_file, "pretrained_tag": self.tag,
+            "weights": self._weights,
             "activation": "QuickGELU" if self.quick_gelu else "GELU", "precision": "fp32",
             "preprocess": {"input": "[-1, 1] float -> uint8 RGB (rounded)",
                            "pre_resize": None if self.pre_resize is None else
