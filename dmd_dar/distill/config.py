@@ -54,6 +54,7 @@ class MethodConfig:
 class NetworksConfig:
     """Which networks are built from the teacher, and how each one routes."""
 
+    teacher_kind: str = "native"  # native: an exported dmd-dar teacher | diffusers: a diffusers T2I pipeline
     teacher: str = "assets/teacher"  # exported teacher folder (the embedded teacher by default)
     student_routing: RoutingConfig = field(default_factory=lambda: RoutingConfig(kind="dar", query="static_t"))
     fake_routing: RoutingConfig = field(default_factory=RoutingConfig)  # residual: a plain copy of the teacher

@@ -6,47 +6,28 @@ iteration. Everything random in iteration s derives from (seed, s, rank), so res
 
 from __future__ import annotations
 
-import copy
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from dmd_dar.artifact import ArtifactMeta, load_artifact, save_artifact
 from dmd_dar.config import diff_configs, load_saved_config, save_config, to_yaml
-from dmd_dar.diffusion.samplers import student_timesteps
 from dmd_dar.distill.config import DistillConfig
-from dmd_dar.distill.denoiser import Denoiser, class_null_cond
+from dmd_dar.distill.denoiser import Denoiser
 from dmd_dar.distill.gan import GANHead
 from dmd_dar.distill.health import BadStepGuard, output_drift
-from dmd_dar.distill.method import DMD2, RegressionPairs, frozen
+from dmd_dar.distill.method import DMD2, frozen
+from dmd_dar.distill.task import DistillTask, NativeTask
 from dmd_dar.errors import UserError
-from dmd_dar.models import param_groups, to_dar
-from dmd_dar.sampling import generate, resolve_checkpoint
-from dmd_dar.training.batches import draw_batch, make_dataset
 from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint
 from dmd_dar.training.ema import EMA
 from dmd_dar.training.optim import build_optimizer, warmup_schedule
 from dmd_dar.training.run import make_accelerator
 from dmd_dar.training.seeding import derive_seed, seed_step
-from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
 
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
                      "run.progress", "run.log_with", "run.resume", "debug_grid_every")
-
-
-def build_student(teacher, routing):
-    """A trainable copy of the teacher: with a function-preserving DAR retrofit, or a plain residual copy."""
-    net = to_dar(teacher, routing) if routing.is_dar else copy.deepcopy(teacher)
-    return net.train().requires_grad_(True)
-
-
-def check_shapes(teacher, data_cfg) -> None:
-    if data_cfg.image_size != teacher.cfg.image_size:
-        raise UserError(f"data.image_size={data_cfg.image_size} but the teacher takes {teacher.cfg.image_size}x"
-                        f"{teacher.cfg.image_size} inputs; set data.image_size={teacher.cfg.image_size}")
 
 
 def _check_resume(cfg: DistillConfig, run_dir: Path) -> None:
@@ -58,47 +39,23 @@ def _check_resume(cfg: DistillConfig, run_dir: Path) -> None:
                             f"run.out_dir, or run.resume=false to start over in place")
 
 
-@torch.no_grad()
-def teacher_reference(teacher, meta: ArtifactMeta, run_dir: Path, n: int = 64) -> dict[str, torch.Tensor]:
-    """Per-channel mean/std of teacher samples (the drift reference), cached in the run directory."""
-    path = run_dir / "teacher_reference.safetensors"
-    if path.is_file():
-        return load_safetensors(path)
-    k = max(teacher.cfg.num_classes, 1)
-    labels = torch.arange(n) % k
-    x = generate(teacher, meta, labels, [derive_seed("teacher-ref", i) for i in range(n)], steps=25)
-    ref = {"mean": x.mean(dim=(0, 2, 3)), "std": x.std(dim=(0, 2, 3)), "samples": x[:16]}
-    atomic_save_safetensors(ref, path)
-    return ref
+def build_task(cfg: DistillConfig, device) -> DistillTask:
+    """The teacher family named by ``networks.teacher_kind``."""
+    if cfg.networks.teacher_kind == "native":
+        return NativeTask(cfg.networks.teacher, cfg.method.student_steps, cfg.data, device)
+    from dmd_dar.distill.t2i import DiffusersT2ITask
 
-
-@torch.no_grad()
-def regression_pairs(teacher, meta: ArtifactMeta, run_dir: Path, n: int, steps: int) -> RegressionPairs:
-    """DMD1 regression pairs (noise, label, teacher ODE sample), generated once and cached to disk."""
-    path = run_dir / "regression_pairs.safetensors"
-    if not path.is_file():
-        k = max(teacher.cfg.num_classes, 1)
-        labels = torch.arange(n) % k
-        seeds = [derive_seed("regression", i) for i in range(n)]
-        from dmd_dar.sampling import make_noise
-
-        cfgm = teacher.cfg
-        noise = make_noise(seeds, (cfgm.in_channels, cfgm.image_size, cfgm.image_size))
-        target = torch.cat([generate(teacher, meta, labels[i:i + 64], seeds[i:i + 64], steps=steps)
-                            for i in tqdm(range(0, n, 64), desc="teacher ODE pairs")])
-        atomic_save_safetensors({"noise": noise, "cond": labels, "target": target}, path)
-    d = load_safetensors(path)
-    return RegressionPairs(d["noise"], d["cond"], d["target"])
+    return DiffusersT2ITask(cfg, device)
 
 
 def _lpips_fn(cfg: DistillConfig):
     if cfg.method.regression_weight <= 0 or cfg.method.regression_loss != "lpips":
         return None
     from dmd_dar.metrics.availability import MetricUnavailable
-    from dmd_dar.metrics.lpips_metric import load_lpips
+    from dmd_dar.metrics.lpips_metric import LpipsModel
 
     try:
-        net = load_lpips()
+        net = LpipsModel()
     except MetricUnavailable as exc:
         raise UserError(f"method.regression_loss=lpips: {exc}; or use method.regression_loss=mse") from exc
     return lambda a, b: net(a, b)
@@ -116,23 +73,15 @@ def run(cfg: DistillConfig) -> Path:
         save_config(cfg, run_dir)
         print(to_yaml(cfg))
 
-    teacher_net, meta = load_artifact(resolve_checkpoint(cfg.networks.teacher))
-    if meta.role != "teacher":
-        raise UserError(f"networks.teacher={cfg.networks.teacher} is a {meta.role}; pass an exported teacher")
-    check_shapes(teacher_net, cfg.data)
-    teacher_net.requires_grad_(False).eval().to(device)
-    path = meta.diffusion.make_path()
-    null = class_null_cond(teacher_net.cfg.num_classes) if teacher_net.cfg.num_classes else None
-    student = build_student(teacher_net, cfg.networks.student_routing)
-    fake = build_student(teacher_net, cfg.networks.fake_routing)
-    for net in (student, fake):
-        net.cfg.gradient_checkpointing = cfg.networks.gradient_checkpointing
-    gan_head = GANHead(teacher_net.cfg.hidden_size) if cfg.method.gan_weight > 0 else None
-    times = student_timesteps(cfg.method.student_steps, shift=meta.diffusion.shift)
+    task = build_task(cfg, device)
+    path, null = task.teacher.path, task.teacher.null_cond
+    student = task.build_network(cfg.networks.student_routing, cfg.networks.gradient_checkpointing)
+    fake = task.build_network(cfg.networks.fake_routing, cfg.networks.gradient_checkpointing)
+    gan_head = GANHead(task.feature_dim) if cfg.method.gan_weight > 0 else None
 
-    g_opt = build_optimizer(param_groups(student, cfg.generator_optim.lr, cfg.generator_optim.routing_lr,
-                                         cfg.generator_optim.weight_decay), cfg.generator_optim)
-    f_groups = param_groups(fake, cfg.fake_optim.lr, cfg.fake_optim.routing_lr, cfg.fake_optim.weight_decay)
+    g_opt = build_optimizer(task.param_groups(student, cfg.generator_optim.lr, cfg.generator_optim.routing_lr,
+                                              cfg.generator_optim.weight_decay), cfg.generator_optim)
+    f_groups = task.param_groups(fake, cfg.fake_optim.lr, cfg.fake_optim.routing_lr, cfg.fake_optim.weight_decay)
     if gan_head is not None:
         f_groups.append({"params": list(gan_head.parameters()), "lr": cfg.fake_optim.lr, "weight_decay": 0.0})
     f_opt = build_optimizer(f_groups, cfg.fake_optim)
@@ -158,18 +107,13 @@ def run(cfg: DistillConfig) -> Path:
     gan_head = prepared[4] if gan_head is not None else None
     ema.model.to(device)
     unwrap = accelerator.unwrap_model
-    method = DMD2(cfg.method, Denoiser(student, path, null), Denoiser(fake, path, null),
-                  Denoiser(teacher_net, path, null), times, shift=meta.diffusion.shift, gan_head=gan_head,
-                  regression=(regression_pairs(teacher_net, meta, run_dir, cfg.method.regression_pairs,
-                                               cfg.method.regression_steps) if cfg.method.regression_weight > 0
-                              else None),
+    regression = (task.regression_pairs(run_dir, cfg.method.regression_pairs, cfg.method.regression_steps)
+                  if cfg.method.regression_weight > 0 else None)
+    method = DMD2(cfg.method, Denoiser(student, path, null), Denoiser(fake, path, null), task.teacher,
+                  task.student_times, shift=task.shift, gan_head=gan_head, regression=regression,
                   lpips_fn=_lpips_fn(cfg))
-    reference = teacher_reference(teacher_net, meta, run_dir) if accelerator.is_main_process else None
+    reference = task.reference(run_dir) if accelerator.is_main_process else None
     needs_real = cfg.method.gan_weight > 0 or (cfg.method.student_steps > 1 and not cfg.method.backward_simulation)
-    dataset = make_dataset(cfg.data) if needs_real else None
-    num_classes = teacher_net.cfg.num_classes
-    student_meta = ArtifactMeta(role="student", diffusion=meta.diffusion, class_names=meta.class_names,
-                                student_timesteps=times, note=f"DMD2 from {cfg.networks.teacher}")
     if accelerator.is_main_process:
         accelerator.init_trackers("distill")
 
@@ -190,15 +134,8 @@ def run(cfg: DistillConfig) -> Path:
     for step in bar:
         gen = seed_step(cfg.run.seed, step, accelerator.process_index)
         shared = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shared", step))
-        b = cfg.run.batch_size
-        labels = (torch.randint(num_classes, (b,), generator=gen) if num_classes else torch.zeros(b, dtype=torch.long))
-        labels = labels.to(device)
-        c = teacher_net.cfg
-        noise = torch.randn(b, c.in_channels, c.image_size, c.image_size, generator=gen).to(device)
-        real = real_labels = None
-        if dataset is not None:
-            real, real_labels, _ = draw_batch(dataset, b, gen)
-            real, real_labels = real.to(device), real_labels.to(device)
+        batch = task.draw(cfg.run.batch_size, gen, device, needs_real)
+        noise, labels, real, real_labels = batch.noise, batch.cond, batch.real, batch.real_cond
         logs: dict[str, float] = {}
         do_log = (step + 1) % cfg.run.log_every == 0
         x_fake = None
@@ -224,7 +161,7 @@ def run(cfg: DistillConfig) -> Path:
             if reference is not None:
                 logs.update(output_drift(x_fake, reference["mean"], reference["std"]))
             if cfg.debug_grid_every and accelerator.is_main_process and step % cfg.debug_grid_every == 0:
-                _debug_grid(debug, run_dir / "debug" / f"step_{step:07d}.png")
+                _debug_grid(task, debug, run_dir / "debug" / f"step_{step:07d}.png")
         if x_fake is None:
             with torch.no_grad(), accelerator.autocast():
                 inner = Denoiser(unwrap(student), path, null)
@@ -254,7 +191,7 @@ def run(cfg: DistillConfig) -> Path:
                 with open(run_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps({"step": done, **last_logs}) + "\n")
         if cfg.run.sample_every and done % cfg.run.sample_every == 0 and accelerator.is_main_process:
-            _sample_grid(ema.model, student_meta, run_dir / "samples" / f"step_{done:07d}.png")
+            _sample_grid(task, ema.model, run_dir / "samples" / f"step_{done:07d}.png")
         if cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0:
             save(done)
     accelerator.wait_for_everyone()
@@ -262,29 +199,27 @@ def run(cfg: DistillConfig) -> Path:
     if accelerator.is_main_process:
         if cfg.run.steps > start and (not cfg.run.ckpt_every or cfg.run.steps % cfg.run.ckpt_every):
             save(cfg.run.steps)
-        save_artifact(export, ema.model, student_meta)
-        _sample_grid(ema.model, student_meta, export / "samples_grid.png")
+        task.export(ema.model, export)
+        _sample_grid(task, ema.model, export / "samples_grid.png")
         (run_dir / "summary.json").write_text(json.dumps({"steps": cfg.run.steps, "bad_steps_total": guard.total,
-                                                          "student": asdict(student_meta)}, indent=2))
+                                                          "student_timesteps": task.student_times}, indent=2))
         accelerator.print(f"student exported to {export}")
     accelerator.end_training()
     return export
 
 
 @torch.no_grad()
-def _sample_grid(model, meta: ArtifactMeta, path: Path, per_class: int = 8) -> None:
+def _sample_grid(task: DistillTask, model, path: Path, per_cond: int = 8) -> None:
     from dmd_dar.data.manifest import save_grid
 
     model.eval()
-    k = max(model.cfg.num_classes, 1)
-    labels = torch.arange(k).repeat_interleave(per_class)
-    images = generate(model, meta, labels, [derive_seed("grid", i) for i in range(len(labels))])
-    save_grid(images, path, nrow=per_class)
+    cond, seeds = task.grid_batch(per_cond)
+    save_grid(task.decode(task.sample(model, cond, seeds)), path, nrow=per_cond)
 
 
-def _debug_grid(debug: dict[str, torch.Tensor], path: Path, n: int = 8) -> None:
+def _debug_grid(task: DistillTask, debug: dict[str, torch.Tensor], path: Path, n: int = 8) -> None:
     """Rows: generator output, real-score x0, fake-score x0 (same x_t) — what users look at to debug collapse."""
     from dmd_dar.data.manifest import save_grid
 
-    rows = [debug[k][:n].float().clamp(-1, 1).cpu() for k in ("generator", "real_x0", "fake_x0")]
+    rows = [task.decode(debug[k][:n]).float().clamp(-1, 1).cpu() for k in ("generator", "real_x0", "fake_x0")]
     save_grid(torch.cat(rows), path, nrow=rows[0].shape[0])

@@ -48,6 +48,38 @@ def num_classes_of(dataset) -> int:
     return len(getattr(dataset, "class_names", None) or getattr(dataset, "classes", None) or [])
 
 
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator that picks the images of (step, rank): independent of every other random draw."""
+    from dmd_dar.training.seeding import derive_seed
+
+    return torch.Generator().manual_seed(derive_seed(seed, "data", step, rank))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item s is the batch of training step ``start + s``: a DataLoader over it renders batches ahead of time in
+    worker processes (``num_workers``), while each batch stays a pure function of (seed, step, rank)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int, start: int, stop: int) -> None:
+        self.dataset, self.batch_size, self.seed, self.rank = dataset, batch_size, seed, rank
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int):
+        images, labels, _ = draw_batch(self.dataset, self.batch_size, step_generator(self.seed, self.start + i,
+                                                                                     self.rank))
+        return images, labels
+
+
+def step_batches(dataset, batch_size: int, seed: int, rank: int, start: int, stop: int, num_workers: int = 0):
+    """An iterator of (images, labels) for steps start..stop-1 (see ``StepBatches``)."""
+    loader = torch.utils.data.DataLoader(StepBatches(dataset, batch_size, seed, rank, start, stop), batch_size=None,
+                                         shuffle=False, num_workers=num_workers, persistent_workers=False,
+                                         prefetch_factor=4 if num_workers else None)
+    return iter(loader)
+
+
 def draw_batch(dataset, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A batch of (images [B,3,H,W], labels [B], captions) drawn by the step's generator."""
     if len(dataset) == 0:

@@ -31,8 +31,9 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         ema_params = dict(self.model.named_parameters())
-        for name, p in model.named_parameters():
-            ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - d)
+        pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
+        targets = [e for e, _ in pairs]
+        torch._foreach_lerp_(targets, [p.to(e.dtype) for e, p in pairs], 1.0 - d)  # one fused op for all params
         ema_buffers = dict(self.model.named_buffers())
         for name, b in model.named_buffers():
             ema_buffers[name].copy_(b)

@@ -33,6 +33,7 @@ class RunConfig:
     resume: bool = True  # continue from the run directory's latest checkpoint when one exists
     log_with: str = "tensorboard"  # tensorboard | wandb | none
     progress: bool = True
+    num_workers: int = 0  # data-rendering worker processes (0 = in the training process; use 4+ on GPU machines)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:

@@ -18,7 +18,7 @@ from dmd_dar.diffusion.objective import denoising_loss
 from dmd_dar.diffusion.timesteps import sample_timesteps
 from dmd_dar.errors import UserError
 from dmd_dar.models import ModelConfig, build_model, param_groups
-from dmd_dar.training.batches import DataConfig, draw_batch, make_dataset
+from dmd_dar.training.batches import DataConfig, make_dataset, step_batches
 from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint
 from dmd_dar.training.ema import EMA
 from dmd_dar.training.optim import OptimConfig, build_optimizer, warmup_schedule
@@ -27,7 +27,7 @@ from dmd_dar.training.seeding import seed_step
 
 # Keys that may change between a run and its resume (how long / how often, not what is trained).
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
-                     "run.progress", "run.log_with", "run.resume")
+                     "run.progress", "run.log_with", "run.resume", "run.num_workers")
 
 
 @dataclass
@@ -100,16 +100,18 @@ def run(cfg: TeacherConfig) -> Path:
 
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="train-teacher",
                disable=not (cfg.run.progress and accelerator.is_main_process))
+    batches = step_batches(dataset, cfg.run.batch_size, cfg.run.seed, accelerator.process_index, start,
+                           cfg.run.steps, cfg.run.num_workers)
     for step in bar:
         gen = seed_step(cfg.run.seed, step, accelerator.process_index)
-        x0, labels, _ = draw_batch(dataset, cfg.run.batch_size, gen)
+        x0, labels = next(batches)
         x0, labels = x0.to(accelerator.device), labels.to(accelerator.device)
         eps = torch.randn(x0.shape, generator=gen).to(accelerator.device)
         t = sample_timesteps(x0.shape[0], cfg.diffusion.train_timesteps, mean=cfg.diffusion.logit_mean,
                              std=cfg.diffusion.logit_std, generator=gen).to(accelerator.device)
         model.train()
         with accelerator.accumulate(model), accelerator.autocast():
-            loss = denoising_loss(lambda x, tt: model(x, tt, labels), path, x0, eps, t)
+            loss = denoising_loss(lambda x, tt, y=labels: model(x, tt, y), path, x0, eps, t)
             if not math.isfinite(loss.item()):
                 raise RuntimeError(f"non-finite teacher loss at step {step}; lower optim.lr or check the data")
             accelerator.backward(loss)

@@ -1,0 +1,173 @@
+"""What the DMD2 trainer needs from a family of teachers, behind one interface.
+
+The trainer (plumbing) and the method (maths) are the same for every teacher; a ``DistillTask`` supplies the rest:
+the frozen teacher as a ``Denoiser``, how to build the trainable student / fake-score copies, how to draw a batch
+of noise and conditions, how to turn samples into images, and how to export the student. ``NativeTask`` serves the
+project's own SiT/DiT teachers (class-conditional, pixels or latents); the diffusers text-to-image teachers live in
+``dmd_dar.distill.t2i``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmd_dar.artifact import ArtifactMeta, load_artifact, save_artifact
+from dmd_dar.diffusion.samplers import student_timesteps
+from dmd_dar.distill.denoiser import Denoiser, class_null_cond
+from dmd_dar.errors import UserError
+from dmd_dar.routing import RoutingConfig
+from dmd_dar.training.seeding import derive_seed
+from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
+
+
+@dataclass
+class Batch:
+    """One iteration's inputs: generator noise and conditions, and (optionally) real samples."""
+
+    noise: torch.Tensor
+    cond: Any
+    real: torch.Tensor | None = None
+    real_cond: Any = None
+
+
+class DistillTask:
+    """Interface; see ``NativeTask`` for the reference implementation."""
+
+    teacher: Denoiser
+    shift: float
+    student_times: list[float]
+    feature_dim: int
+
+    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, net: nn.Module, lr: float, routing_lr: float | None, weight_decay: float) -> list[dict]:
+        raise NotImplementedError
+
+    def draw(self, batch_size: int, gen: torch.Generator, device, need_real: bool) -> Batch:
+        raise NotImplementedError
+
+    def grid_batch(self, n_per_cond: int) -> tuple[Any, list[int]]:
+        """Conditions and noise seeds of the periodic sample grids."""
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples -> images in [-1, 1] (identity for pixel models; the VAE for latent ones)."""
+        return x
+
+    def reference(self, run_dir: Path) -> dict[str, torch.Tensor]:
+        """Per-channel mean/std of teacher samples (the drift reference)."""
+        raise NotImplementedError
+
+    def export(self, net: nn.Module, folder: Path) -> Path:
+        raise NotImplementedError
+
+
+class NativeTask(DistillTask):
+    """Distill an exported dmd-dar SiT/DiT teacher (class-conditional or unconditional)."""
+
+    def __init__(self, teacher_folder: str | Path, student_steps: int, data_cfg, device) -> None:
+        from dmd_dar.sampling import resolve_checkpoint
+        from dmd_dar.training.batches import make_dataset
+
+        self.folder = resolve_checkpoint(str(teacher_folder))
+        net, meta = load_artifact(self.folder)
+        if meta.role != "teacher":
+            raise UserError(f"{self.folder} holds a {meta.role}; networks.teacher must be an exported teacher")
+        if data_cfg.image_size != net.cfg.image_size:
+            raise UserError(f"data.image_size={data_cfg.image_size} but the teacher takes {net.cfg.image_size}x"
+                            f"{net.cfg.image_size} inputs; set data.image_size={net.cfg.image_size}")
+        self.net = net.requires_grad_(False).eval().to(device)
+        self.meta = meta
+        self.path = meta.diffusion.make_path()
+        self.num_classes = net.cfg.num_classes
+        self.null = class_null_cond(self.num_classes) if self.num_classes else None
+        self.teacher = Denoiser(self.net, self.path, self.null)
+        self.shift = meta.diffusion.shift
+        self.student_times = student_timesteps(student_steps, shift=self.shift)
+        self.feature_dim = net.cfg.hidden_size
+        self.data_cfg = data_cfg
+        self._dataset = None
+        self._make_dataset = make_dataset
+
+    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
+        """A trainable copy of the teacher: a function-preserving DAR retrofit, or a plain residual copy."""
+        from dmd_dar.models import to_dar
+
+        net = to_dar(self.net, routing) if routing.is_dar else copy.deepcopy(self.net)
+        net.cfg.gradient_checkpointing = gradient_checkpointing
+        return net.train().requires_grad_(True)
+
+    def param_groups(self, net, lr, routing_lr, weight_decay):
+        from dmd_dar.models import param_groups
+
+        return param_groups(net, lr, routing_lr, weight_decay)
+
+    def draw(self, batch_size, gen, device, need_real) -> Batch:
+        from dmd_dar.training.batches import draw_batch
+
+        c = self.net.cfg
+        labels = (torch.randint(self.num_classes, (batch_size,), generator=gen) if self.num_classes
+                  else torch.zeros(batch_size, dtype=torch.long))
+        noise = torch.randn(batch_size, c.in_channels, c.image_size, c.image_size, generator=gen)
+        batch = Batch(noise.to(device), labels.to(device))
+        if need_real:
+            if self._dataset is None:
+                self._dataset = self._make_dataset(self.data_cfg)
+            real, real_labels, _ = draw_batch(self._dataset, batch_size, gen)
+            batch.real, batch.real_cond = real.to(device), real_labels.to(device)
+        return batch
+
+    def grid_batch(self, n_per_cond):
+        k = max(self.num_classes, 1)
+        labels = torch.arange(k).repeat_interleave(n_per_cond)
+        return labels, [derive_seed("grid", i) for i in range(len(labels))]
+
+    def student_meta(self) -> ArtifactMeta:
+        return ArtifactMeta(role="student", diffusion=self.meta.diffusion, class_names=self.meta.class_names,
+                            student_timesteps=self.student_times, note=f"DMD2 student of {self.folder}")
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, cond, seeds: list[int], as_teacher: bool = False) -> torch.Tensor:
+        from dmd_dar.sampling import generate
+
+        meta = self.meta if as_teacher else self.student_meta()
+        return generate(net, meta, cond, seeds, steps=25 if as_teacher else None)
+
+    def reference(self, run_dir: Path, n: int = 64) -> dict[str, torch.Tensor]:
+        path = run_dir / "teacher_reference.safetensors"
+        if path.is_file():
+            return load_safetensors(path)
+        labels = torch.arange(n) % max(self.num_classes, 1)
+        x = self.sample(self.net, labels, [derive_seed("teacher-ref", i) for i in range(n)], as_teacher=True)
+        ref = {"mean": x.mean(dim=(0, 2, 3)), "std": x.std(dim=(0, 2, 3)), "samples": x[:16]}
+        atomic_save_safetensors(ref, path)
+        return ref
+
+    def regression_pairs(self, run_dir: Path, n: int, steps: int):
+        """DMD1 regression pairs (noise, label, teacher ODE sample), generated once and cached to disk."""
+        from tqdm.auto import tqdm
+
+        from dmd_dar.distill.method import RegressionPairs
+        from dmd_dar.sampling import generate, make_noise
+
+        path = run_dir / "regression_pairs.safetensors"
+        if not path.is_file():
+            labels = torch.arange(n) % max(self.num_classes, 1)
+            seeds = [derive_seed("regression", i) for i in range(n)]
+            c = self.net.cfg
+            noise = make_noise(seeds, (c.in_channels, c.image_size, c.image_size))
+            target = torch.cat([generate(self.net, self.meta, labels[i:i + 64], seeds[i:i + 64], steps=steps)
+                                for i in tqdm(range(0, n, 64), desc="teacher ODE pairs")])
+            atomic_save_safetensors({"noise": noise, "cond": labels, "target": target}, path)
+        d = load_safetensors(path)
+        return RegressionPairs(d["noise"], d["cond"], d["target"])
+
+    def export(self, net: nn.Module, folder: Path) -> Path:
+        return save_artifact(folder, net, self.student_meta())
