@@ -63,7 +63,7 @@ def generate(model, meta: ArtifactMeta, labels: torch.Tensor, seeds: list[int], 
 class SampleConfig:
     checkpoint: str = "assets/teacher"  # an exported model folder (a run's export/, or the embedded teacher)
     out_dir: str | None = None  # default: <checkpoint>/samples
-    num_per_class: int = 8
+    num_per_class: int = 8  # images per class (text-to-image students: per prompt)
     classes: list[int] | None = None  # default: every class
     seed: int = 0
     steps: int | None = None  # teacher: ODE steps (default from the model); ignored for students
@@ -71,6 +71,8 @@ class SampleConfig:
     sampler: str | None = None  # euler | heun | ddim (default from the model)
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
+    prompt: str | None = None  # text-to-image students: one prompt ...
+    prompts_file: str | None = None  # ... and/or a prompt file (.txt / .csv / .jsonl)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,6 +124,16 @@ def sample_folder(model, meta: ArtifactMeta, out_dir: Path, cfg: SampleConfig) -
 
 
 def run(cfg: SampleConfig) -> Path:
+    from dmd_dar.t2i.export import find_export
+
+    t2i = find_export(cfg.checkpoint)
+    if t2i is not None:  # a diffusers text-to-image student (dmd_dar.t2i)
+        from dmd_dar.t2i.sample import sample_t2i
+
+        return sample_t2i(cfg, t2i)
+    if cfg.prompt or cfg.prompts_file:
+        raise UserError(f"{cfg.checkpoint}: prompt / prompts_file apply to text-to-image students only; this is a "
+                        f"class-conditional model, use classes=[...]")
     folder = resolve_checkpoint(cfg.checkpoint)
     model, meta = load_artifact(folder, device=str(resolve_device(cfg.device)))
     out = Path(cfg.out_dir) if cfg.out_dir else folder / "samples"

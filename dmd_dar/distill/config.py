@@ -62,6 +62,47 @@ class NetworksConfig:
 
 
 @dataclass
+class T2IConfig:
+    """Distilling a diffusers text-to-image teacher (``networks.teacher_kind=diffusers``); see dmd_dar.distill.t2i."""
+
+    model: str = ""  # a local diffusers pipeline folder (model_index.json) or a hub id
+    revision: str | None = None
+    local_files_only: bool = False  # never download (also implied by HF_HUB_OFFLINE=1)
+    cache_dir: str | None = None  # Hugging Face cache to load a hub id from (default: the HF default)
+    dtype: str = "bfloat16"  # frozen weights (teacher, LoRA base, VAE): float32 | bfloat16 | float16
+    train_dtype: str = "float32"  # trainable parameters (LoRA, routers, or the whole net without LoRA)
+    height: int = 1024
+    width: int = 1024
+    prompts: list[str] = field(default_factory=lambda: ["detail"])  # .txt / .csv / .jsonl files or prompt sets
+    caption_key: str = "caption"  # column / key of the caption in .csv / .jsonl prompt files
+    negative_prompt: str = ""  # the null condition of classic CFG
+    max_sequence_length: int | None = None  # text tokens (default: the family's pipeline default)
+    embed_cache_dir: str | None = None  # default: $DMD_DAR_TEXT_CACHE or ~/.cache/dmd_dar/text_embeds
+    encode_batch_size: int = 16
+    guidance: str = "auto"  # auto (embedded for guidance-distilled Flux, else cfg) | cfg | embedded
+    embedded_guidance: float | None = None  # Flux: guidance input of student and fake score (default: guidance_scale)
+    shift: float | None = None  # flow shift; default: the teacher scheduler's (static, or exp(mu) at this resolution)
+    route_text: bool = False  # also DAR-route the text stream of SD3 / Flux / Qwen-Image
+    lora_rank: int = 0  # 0: train every weight; > 0: peft LoRA on student and fake score (routers train fully)
+    lora_alpha: float | None = None  # default: lora_rank
+    lora_targets: list[str] | None = None  # default: the family's attention and MLP linears
+    offload_teacher: bool = False  # keep the frozen teacher in CPU memory, streamed to the GPU per use
+    teacher_steps: int = 28  # teacher ODE steps (drift reference samples)
+    reference_samples: int = 16  # teacher samples for the output-drift reference; 0 skips it
+    grid_prompts: int = 2  # prompts in the periodic sample grids
+    sample_batch_size: int = 8  # images per student / teacher / VAE batch when sampling and decoding
+
+    def __post_init__(self) -> None:
+        if self.guidance not in ("auto", "cfg", "embedded"):
+            raise UserError(f"t2i.guidance={self.guidance!r}; choose one of auto, cfg, embedded")
+        if self.lora_rank < 0:
+            raise UserError(f"t2i.lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
+        for key in ("height", "width", "encode_batch_size", "grid_prompts", "sample_batch_size", "teacher_steps"):
+            if getattr(self, key) < 1:
+                raise UserError(f"t2i.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
 class DistillConfig:
     networks: NetworksConfig = field(default_factory=NetworksConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -73,3 +114,4 @@ class DistillConfig:
     ema_decay: float = 0.99
     debug_grid_every: int = 200  # dump generator / real-score / fake-score x0 grids; 0 disables
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
+    t2i: T2IConfig = field(default_factory=T2IConfig)  # networks.teacher_kind=diffusers only

@@ -1,0 +1,390 @@
+"""``DiffusersT2ITask``: DMD2 from a diffusers text-to-image teacher (SD3/SD3.5, Flux, Qwen-Image, PixArt, DiT).
+
+Selected with ``networks.teacher_kind=diffusers``; settings under ``t2i.*`` (``T2IConfig``). What it does:
+
+- loads the pipeline from ``t2i.model`` (a local folder, or a hub id from the local cache; offline-aware, see
+  ``dmd_dar.t2i.loading``); the frozen teacher is the pipeline's transformer;
+- reads the prompts (``dmd_dar.t2i.prompts``), computes their text embeddings once with the pipeline's own
+  ``encode_prompt`` and caches them on disk (``dmd_dar.t2i.embeddings``); the text encoders are then dropped,
+  and on a later run with every prompt cached they are not even loaded;
+- student and fake score: ``wrap_with_dar(copy of the transformer, routing)`` (the residual twin when
+  ``routing.kind=residual``), optionally LoRA-adapted through peft (``t2i.lora_rank``); DAR routers train fully,
+  in their own optimizer group;
+- the real score's guidance in the model's own form: two-pass CFG against ``t2i.negative_prompt`` for SD3,
+  PixArt, DiT and Qwen-Image; Flux-dev's embedded guidance (the scale is a model input, one pass, no null
+  condition); the student and fake score of Flux-dev get the fixed ``t2i.embedded_guidance``;
+- the teacher's flow shift (static, or dynamic ``exp(mu)`` at the training resolution) for the DM / fake-score
+  timesteps and the few-step student schedule;
+- ``decode``: the VAE with its scaling / shift factors (Qwen-Image: per-channel latent mean / std);
+- ``export``: a diffusers-loadable transformer folder (LoRA merged) + the DAR routers + the few-step schedule
+  (``dmd_dar.t2i.export``), sampled by ``dmd-dar sample checkpoint=<export> prompt="..."``.
+
+Not available here (UserError at start): the GAN head and few-step training on real latents (both need real
+images; DMD2 on prompts is data-free), and the DMD1 regression loss (it needs cached teacher ODE pairs).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmd_dar.diffusion.paths import make_path
+from dmd_dar.diffusion.samplers import few_step_sample, guided, sample_ode, student_timesteps
+from dmd_dar.distill.denoiser import Denoiser
+from dmd_dar.distill.task import Batch, DistillTask
+from dmd_dar.errors import UserError
+from dmd_dar.routing import RoutingConfig
+from dmd_dar.t2i import embeddings as E
+from dmd_dar.t2i import loading as L
+from dmd_dar.t2i.families import T2INet
+from dmd_dar.t2i.prompts import load_prompt_sources
+from dmd_dar.training.seeding import derive_seed
+from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
+
+
+class EmbeddedGuidanceDenoiser(Denoiser):
+    """A guidance-distilled teacher (Flux-dev): the guidance scale is an input of one forward pass, not CFG."""
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float = 1.0) -> torch.Tensor:
+        g = torch.full((x_t.shape[0],), float(guidance), device=x_t.device)  # [B]
+        return self.path.pred_to_x0(self.pred(x_t, t, {**cond, "guidance": g}), x_t, t)
+
+
+class _Teacher(T2INet):
+    """The frozen teacher, placed on first use: on the device, or (``offload_teacher``) kept in CPU memory and
+    streamed to the device layer by layer through accelerate's ``cpu_offload``. Placing it late lets the
+    student / fake copies be made from the untouched CPU weights."""
+
+    def __init__(self, model, family, embedded_guidance, device, offload: bool) -> None:
+        super().__init__(model, family, embedded_guidance)
+        self._device, self._offload, self._placed = torch.device(device), offload, False
+
+    def forward(self, x_t, t, cond):
+        if not self._placed:
+            if self._offload and self._device.type != "cpu":
+                from accelerate import cpu_offload
+
+                cpu_offload(self.model, execution_device=self._device)
+            else:
+                self.model.to(self._device)
+            self._placed = True
+        return super().forward(x_t, t, cond)
+
+
+def _slice(cond: dict, i: int, j: int) -> dict:
+    return {k: v[i:j] for k, v in cond.items()}
+
+
+class DiffusersT2ITask(DistillTask):
+    """The DistillTask of diffusers T2I teachers (module docstring)."""
+
+    def __init__(self, cfg, device) -> None:
+        tc = cfg.t2i
+        m = cfg.method
+        if m.gan_weight > 0:
+            raise UserError("method.gan_weight > 0: the GAN head needs real images, which text-to-image DMD2 "
+                            "here does not load (prompt-only distillation); set method.gan_weight=0")
+        if m.regression_weight > 0:
+            raise UserError("method.regression_weight > 0 is not available for diffusers teachers (no cached "
+                            "teacher ODE pairs); set method.regression_weight=0")
+        if m.student_steps > 1 and not m.backward_simulation:
+            raise UserError("method.backward_simulation=false needs real images; diffusers teachers train "
+                            "few-step students with backward simulation (set method.backward_simulation=true)")
+        self.cfg, self.tc, self.device = cfg, tc, torch.device(device)
+        self.dtype, self.train_dtype = L.torch_dtype(tc.dtype), L.torch_dtype(tc.train_dtype)
+        self.source, self.local_only = L.resolve_source(tc.model, tc.local_files_only)
+        index = L.pipeline_index(self.source, self.local_only, tc.revision, tc.cache_dir)
+        self.family, self.class_name = L.family_from_index(index)
+        fam = self.family
+        self.prompts = load_prompt_sources(tc.prompts, tc.caption_key)
+        self.max_sequence_length = tc.max_sequence_length or fam.default_max_sequence_length
+
+        # Text embeddings first: when every prompt is cached the text encoders are never loaded.
+        text_parts = L.text_components(index)
+        self.cache = E.EmbeddingCache(tc.embed_cache_dir or E.default_cache_dir(), self._identity(text_parts))
+        wanted = self.prompts + [tc.negative_prompt]
+        need_text = fam.has_text and bool(self.cache.missing(wanted))
+        pipe = L.load_pipeline(self.source, self.local_only, self.dtype, tc.revision, tc.cache_dir,
+                               skip=() if need_text or not fam.has_text else text_parts)
+        if need_text:
+            self._encode(pipe, wanted, text_parts)
+        elif fam.has_text:
+            self.cache.hits += len(dict.fromkeys(wanted))
+        self.labels = self._class_labels(pipe) if not fam.has_text else None
+
+        self.transformer = pipe.transformer.requires_grad_(False).eval()
+        self.vae = pipe.vae.to(self.device).requires_grad_(False).eval()
+        self.vae_factor = L.vae_scale_factor(pipe)
+        self.scheduler_config = dict(pipe.scheduler.config)
+        del pipe
+        gc.collect()
+        config = self.transformer.config
+        channels = config.in_channels // (4 if fam.packed else 1)
+        self.latent_shape = L.latent_geometry(fam, config, self.vae_factor, tc.height, tc.width, channels)
+        _, h, w = self.latent_shape
+        self.vp_schedule = None
+        if fam.path == "flow":
+            self.path = make_path("flow", "velocity")
+            patch = 2 if fam.packed else int(getattr(config, "patch_size", 1) or 1)
+            self.image_tokens = (h // patch) * (w // patch)
+            self.shift = float(tc.shift) if tc.shift is not None else L.scheduler_shift(self.scheduler_config,
+                                                                                          self.image_tokens)
+        else:
+            if tc.shift not in (None, 1.0):
+                raise UserError(f"t2i.shift={tc.shift}: {fam.name} is a VP (DDPM) teacher; the flow shift does "
+                                f"not apply, leave t2i.shift unset")
+            self.vp_schedule = L.vp_schedule(self.scheduler_config, fam.name)
+            self.path = make_path("vp", "eps", **self.vp_schedule)
+            self.image_tokens = (h // config.patch_size) * (w // config.patch_size)
+            self.shift = 1.0
+
+        self.guidance_form = self._guidance_form()
+        self.embedded_guidance = None
+        if self.guidance_form == "embedded":
+            self.embedded_guidance = float(tc.embedded_guidance if tc.embedded_guidance is not None
+                                           else m.guidance_scale)
+        teacher_net = _Teacher(self.transformer, fam, self.embedded_guidance, self.device, tc.offload_teacher)
+        teacher_net.vae_scale_factor = self.vae_factor
+        if self.guidance_form == "embedded":
+            self.teacher = EmbeddedGuidanceDenoiser(teacher_net, self.path, None)
+        else:
+            self.teacher = Denoiser(teacher_net, self.path, self.null_cond)
+        self.student_times = student_timesteps(m.student_steps, shift=self.shift)
+        self.feature_dim = int(getattr(self.transformer, "inner_dim", 0) or 0)
+        self._null = self.condition([tc.negative_prompt]) if fam.has_text else None
+        self._built: list[nn.Module] = []
+
+    # -- set-up helpers -----------------------------------------------------------------------------------------
+    def _identity(self, text_parts: list[str]) -> dict:
+        tc = self.tc
+        return {"source": self.source, "revision": tc.revision, "family": self.family.name,
+                "max_sequence_length": self.max_sequence_length, "dtype": str(self.dtype),
+                "encoders": E.encoder_fingerprint(self.source, text_parts)}
+
+    def _encode(self, pipe, prompts: list[str], text_parts: list[str]) -> None:
+        """Encode the missing prompts on the device, then free the text encoders."""
+        for name in text_parts:
+            module = getattr(pipe, name, None)
+            if isinstance(module, nn.Module):
+                module.to(self.device)
+        n = self.cache.fill(prompts, lambda chunk: E.encode_with_pipeline(pipe, self.family, chunk,
+                                                                          self.max_sequence_length, self.device),
+                            batch_size=self.tc.encode_batch_size)
+        _print(f"text embeddings: {n} computed, cached in {self.cache.root}")
+        for name in text_parts:
+            setattr(pipe, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _class_labels(self, pipe) -> torch.Tensor:
+        """DiT: prompts are ImageNet class names (``pipe.id2label`` spellings) or integer class ids."""
+        ids = []
+        for n, p in enumerate(self.prompts, 1):
+            if p.strip().isdigit():
+                ids.append(int(p))
+                continue
+            try:
+                ids.extend(pipe.get_label_ids(p))
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise UserError(f"t2i.prompts entry {n} ({p!r}) is not a class name of this DiT pipeline; use "
+                                f"names from its id2label or integer class ids") from exc
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _guidance_form(self) -> str:
+        form = self.tc.guidance
+        embeds = bool(getattr(self.transformer.config, "guidance_embeds", False))
+        if form == "auto":
+            return "embedded" if embeds else "cfg"
+        if form == "embedded" and not embeds:
+            raise UserError(f"t2i.guidance=embedded, but {self.class_name} has no guidance embedding "
+                            f"(only guidance-distilled Flux-dev does); use t2i.guidance=cfg")
+        return form
+
+    # -- conditions ---------------------------------------------------------------------------------------------
+    def condition(self, prompts: list[str], indices: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Batched condition dict on the device for ``prompts`` (DiT: class labels by prompt index)."""
+        if not self.family.has_text:
+            idx = indices if indices is not None else [self.prompts.index(p) for p in prompts]
+            return {"class_labels": self.labels[idx].to(self.device)}
+        null_len = 0 if getattr(self, "_null", None) is None else self._null["prompt_embeds"].shape[1]
+        cond = E.stack_conditions([self.cache.get(p) for p in prompts], self.family, length=null_len)
+        return {k: v.to(self.device) for k, v in cond.items()}
+
+    def null_cond(self, cond: dict) -> dict:
+        """The unconditional condition (negative prompt; DiT: the null class), batch 1 or matching ``cond``."""
+        if not self.family.has_text:
+            return {"class_labels": torch.full_like(cond["class_labels"], self.transformer.config.num_embeds_ada_norm)}
+        length = cond["prompt_embeds"].shape[1]
+        return E.pad_condition(self._null, self.family, length)
+
+    # -- DistillTask --------------------------------------------------------------------------------------------
+    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
+        """A trainable copy of the teacher: DAR retrofit (or residual twin) [+ LoRA]; the second call (the fake
+        score, after the student) prints the memory estimate."""
+        from dmd_dar.backbones import wrap_with_dar
+        from dmd_dar.t2i.lora import add_lora
+
+        tc = self.tc
+        model = copy.deepcopy(self.transformer)
+        wrapped = wrap_with_dar(model, routing, route_text=tc.route_text)
+        if tc.lora_rank > 0:
+            add_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets or self.family.lora_targets)
+            for p in wrapped.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(self.train_dtype)
+            for p in list(wrapped.router.parameters()) + list(getattr(wrapped.text_router, "parameters", list)()):
+                p.requires_grad_(True)
+                p.data = p.data.to(self.train_dtype)
+        else:
+            wrapped.to(self.train_dtype).requires_grad_(True)
+        if gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        net = T2INet(wrapped, self.family, self.embedded_guidance).to(self.device).train()
+        net.vae_scale_factor = self.vae_factor
+        self._built.append(net)
+        if len(self._built) == 2:
+            self.print_memory_estimate(*self._built, gradient_checkpointing)
+        return net
+
+    def param_groups(self, net, lr, routing_lr, weight_decay):
+        from dmd_dar.models import param_groups
+
+        return param_groups(net, lr, routing_lr, weight_decay)
+
+    def draw(self, batch_size, gen, device, need_real) -> Batch:
+        if need_real:
+            raise UserError("this configuration needs real images; diffusers T2I distillation is prompt-only")
+        idx = torch.randint(len(self.prompts), (batch_size,), generator=gen).tolist()
+        cond = self.condition([self.prompts[i] for i in idx], idx)
+        noise = torch.randn(batch_size, *self.latent_shape, generator=gen)  # [B, C, h, w]
+        return Batch(noise.to(device), cond)
+
+    def grid_batch(self, n_per_cond):
+        k = min(self.tc.grid_prompts, len(self.prompts))
+        idx = [i for i in range(k) for _ in range(n_per_cond)]
+        return self.condition([self.prompts[i] for i in idx], idx), [derive_seed("grid", i) for i in range(len(idx))]
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1] (float32)."""
+        out = []
+        for i in range(0, x.shape[0], self.tc.sample_batch_size):
+            out.append(decode_latents(self.vae, self.family.name, x[i:i + self.tc.sample_batch_size]))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, cond, seeds: list[int], as_teacher: bool = False) -> torch.Tensor:
+        """Latents: the student's few-step samples, or (``as_teacher``) teacher ODE samples with guidance."""
+        from dmd_dar.sampling import make_noise
+
+        out = []
+        bs = self.tc.sample_batch_size
+        for i in range(0, len(seeds), bs):
+            c = _slice(cond, i, i + bs)
+            z = make_noise(seeds[i:i + bs], self.latent_shape, self.device)
+            if as_teacher:
+                out.append(self._teacher_sample(c, z))
+            else:
+                gen = torch.Generator(device=self.device).manual_seed(derive_seed("renoise", seeds[i]))
+                out.append(student_sample(net, self.path, c, z, self.student_times, gen))
+        return torch.cat(out)
+
+    def _teacher_sample(self, cond: dict, z: torch.Tensor) -> torch.Tensor:
+        scale = self.cfg.method.guidance_scale
+        net = self.teacher.net
+        if self.guidance_form == "embedded":
+            g = torch.full((z.shape[0],), float(scale), device=z.device)
+            denoise = lambda x, t: net(x, t, {**cond, "guidance": g})  # noqa: E731
+        else:
+            denoise = guided(lambda x, t, c: net(x, t, c), scale, cond, self.null_cond(cond))
+        method = "euler" if self.path.kind == "flow" else "ddim"
+        return sample_ode(method, denoise, self.path, z, self.tc.teacher_steps, shift=self.shift)
+
+    def reference(self, run_dir: Path) -> dict[str, torch.Tensor]:
+        """Per-channel mean/std of ``t2i.reference_samples`` teacher latents (cached in the run folder)."""
+        path = Path(run_dir) / "teacher_reference.safetensors"
+        if path.is_file():
+            return load_safetensors(path)
+        n = self.tc.reference_samples
+        if n == 0:
+            c = self.latent_shape[0]
+            return {"mean": torch.zeros(c), "std": torch.ones(c)}
+        idx = [i % len(self.prompts) for i in range(n)]
+        cond = self.condition([self.prompts[i] for i in idx], idx)
+        x = self.sample(self.teacher.net, cond, [derive_seed("teacher-ref", i) for i in range(n)], as_teacher=True)
+        x = x.float().cpu()
+        ref = {"mean": x.mean(dim=(0, 2, 3)), "std": x.std(dim=(0, 2, 3)), "samples": x[:16]}
+        atomic_save_safetensors(ref, path)
+        return ref
+
+    def export(self, net: nn.Module, folder: Path) -> Path:
+        from dmd_dar.t2i.export import export_student
+
+        return export_student(net, Path(folder), self)
+
+    # -- memory ---------------------------------------------------------------------------------------------------
+    def print_memory_estimate(self, student: nn.Module, fake: nn.Module, checkpointing: bool) -> dict[str, float]:
+        from dmd_dar.t2i import memory as M
+
+        fb = torch.finfo(self.dtype).bits // 8
+        tb = torch.finfo(self.train_dtype).bits // 8
+        mixed = self.cfg.run.mixed_precision
+        act_bytes = 2 if mixed in ("bf16", "fp16") else tb
+        config = self.transformer.config
+        layers = len(getattr(self.transformer, "transformer_blocks", [])) + \
+            len(getattr(self.transformer, "single_transformer_blocks", []))
+        sublayers = sum(int(getattr(n.model.router, "num_sublayers", 0))
+                        for n in (student, fake) if getattr(n.model.routing_cfg, "is_dar", False))
+        est = M.estimate(M.count(self.transformer, fb, fb), M.count(student, fb, tb), M.count(fake, fb, tb),
+                         tokens=self.image_tokens + self.max_sequence_length, hidden=self.feature_dim
+                         or getattr(config, "num_attention_heads", 1) * getattr(config, "attention_head_dim", 1),
+                         layers=max(layers, 1), batch=self.cfg.run.batch_size, act_bytes=act_bytes,
+                         checkpointing=checkpointing, offload_teacher=self.tc.offload_teacher,
+                         dar_sublayers=sublayers)
+        _print(M.format_estimate(est, f"memory estimate per process ({self.class_name}, "
+                                      f"{self.tc.height}x{self.tc.width}, batch {self.cfg.run.batch_size}, "
+                                      f"LoRA rank {self.tc.lora_rank or 'off'}, checkpointing {checkpointing}):"))
+        self.memory_estimate = est
+        return est
+
+
+def student_sample(net: nn.Module, path, cond: dict, z: torch.Tensor, times: list[float],
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """DMD2 few-step sampling of a T2I student (predict x0, re-noise with fresh noise to the next time)."""
+    def x0_fn(x_t, t):
+        return path.pred_to_x0(net(x_t, t, cond), x_t, t).to(x_t.dtype)
+
+    return few_step_sample(x0_fn, path, z, times, generator=generator)
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, family: str, x: torch.Tensor) -> torch.Tensor:
+    """One batch of latents through the family's VAE: [B, C, h, w] -> [B, 3, H, W] in [-1, 1]."""
+    cfg = vae.config
+    dtype = next(vae.parameters()).dtype
+    x = x.to(device=next(vae.parameters()).device, dtype=torch.float32)
+    if family == "qwenimage":
+        mean = torch.tensor(cfg.latents_mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=x.device).view(1, -1, 1, 1)
+        img = vae.decode((x * std + mean).to(dtype)[:, :, None], return_dict=False)[0][:, :, 0]
+    else:
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        img = vae.decode((x / cfg.scaling_factor + shift).to(dtype), return_dict=False)[0]
+    return img.float().clamp(-1, 1)
+
+
+def _print(msg: str) -> None:
+    """Print on the main process only (the task is built on every rank)."""
+    try:
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return
+    except Exception:  # no accelerate state yet: a plain script
+        pass
+    print(msg, flush=True)

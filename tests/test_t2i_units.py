@@ -1,0 +1,150 @@
+"""T2I building blocks without a training run: prompt files, offline / unsupported-model / resolution errors, the
+flow shift against diffusers' scheduler, latent packing against the Flux pipeline, the memory estimate."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dmd_dar.diffusion.timesteps import shift as apply_shift
+from dmd_dar.errors import UserError
+from dmd_dar.t2i import loading as L
+from dmd_dar.t2i import memory as M
+from dmd_dar.t2i.families import FAMILIES, pack, unpack
+from dmd_dar.t2i.prompts import load_prompt_sources, load_prompts
+
+
+def test_prompt_txt_skips_comments_and_blank_lines(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# a comment\nfirst prompt\n\n  second prompt  \n")
+    assert load_prompts(str(f)) == ["first prompt", "second prompt"]
+
+
+def test_project_prompt_set_by_name():
+    prompts = load_prompts("detail")
+    assert len(prompts) > 100 and not any(p.startswith("#") for p in prompts)
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("empty.txt", "# only a comment\n\n", "no prompts in this file"),
+    ("bad.jsonl", '{"caption": "ok"}\nnot json\n{"text": "wrong key"}\n{"caption": ""}\n',
+     r"bad.jsonl: lines 2, 3, 4 not a JSON object"),
+    ("bad.csv", "id,caption\n1,a cat\n2,\n3,a dog\n4,  \n", r"bad.csv: empty 'caption' on lines 3, 5"),
+    ("nocol.csv", "id,text\n1,a cat\n", r"no 'caption' column in the header \(id, text\)"),
+])
+def test_prompt_file_errors_name_the_lines(tmp_path, name, text, match):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(UserError, match=match):
+        load_prompts(str(f))
+
+
+def test_prompt_csv_and_jsonl_caption_key(tmp_path):
+    (tmp_path / "a.csv").write_text('prompt,id\n"a cat, sitting",1\n')
+    (tmp_path / "b.jsonl").write_text('{"prompt": "a dog"}\n\n{"prompt": "a bird"}\n')
+    got = load_prompt_sources([str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl")], caption_key="prompt")
+    assert got == ["a cat, sitting", "a dog", "a bird"]
+    with pytest.raises(UserError, match="not found"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_offline_hub_id_says_how_to_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    source, local_only = L.resolve_source("stabilityai/stable-diffusion-3.5-medium")
+    assert local_only
+    with pytest.raises(UserError) as err:
+        L.pipeline_index(source, local_only, cache_dir=str(tmp_path / "hf"))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "huggingface-cli download stabilityai/stable-diffusion-3.5-medium" in msg and "t2i.model" in msg
+
+
+def test_local_folder_errors(tmp_path):
+    with pytest.raises(UserError, match="no model_index.json"):
+        L.resolve_source(str(tmp_path))
+    with pytest.raises(UserError, match="no such folder"):
+        L.resolve_source(str(tmp_path / "nope" / "pipe"))
+    with pytest.raises(UserError, match="t2i.model is empty"):
+        L.resolve_source("")
+
+
+def test_model_without_adapter_lists_the_supported_ones():
+    index = {"_class_name": "StableDiffusionPipeline", "transformer": ["diffusers", "HunyuanDiT2DModel"]}
+    with pytest.raises(UserError, match=r"no DAR adapter for HunyuanDiT2DModel; supported diffusers models: "
+                                        r"DiTTransformer2DModel, FluxTransformer2DModel"):
+        L.family_from_index(index)
+    with pytest.raises(UserError, match="has no 'transformer' component"):
+        L.family_from_index({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+
+
+def test_resolution_the_vae_or_patching_cannot_take():
+    class Cfg:
+        patch_size = 2
+
+    assert L.latent_geometry(FAMILIES["sd3"], Cfg, 8, 1024, 512, 16) == (16, 128, 64)
+    with pytest.raises(UserError, match=r"t2i.height=1000: .* multiple of 16; use 992 or 1008"):
+        L.latent_geometry(FAMILIES["sd3"], Cfg, 8, 1000, 1024, 16)
+    with pytest.raises(UserError, match=r"t2i.width=1020: .*2x2 latent packing need a multiple of 16"):
+        L.latent_geometry(FAMILIES["flux"], Cfg, 8, 1024, 1020, 16)
+
+
+@pytest.mark.parametrize("tokens", [256, 1024, 4096])
+def test_dynamic_shift_is_the_schedulers(tokens):
+    """Flux/Qwen dynamic shifting == our SD3-convention shift with s = exp(mu) (and the static case)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+               max_image_seq_len=4096)
+    sched = FlowMatchEulerDiscreteScheduler(**cfg)
+    s = L.scheduler_shift(dict(sched.config), tokens)
+    mu = math.log(s)
+    sigmas = np.linspace(1.0, 1 / 8, 8)
+    sched.set_timesteps(sigmas=sigmas, mu=mu)
+    ours = apply_shift(torch.tensor(sigmas, dtype=torch.float64), s)
+    np.testing.assert_allclose(sched.sigmas[:-1].double().numpy(), ours.numpy(), rtol=1e-5)
+    assert L.scheduler_shift({"shift": 3.0}, tokens) == 3.0
+    if tokens == 4096:  # Flux-dev at 1024^2
+        assert s == pytest.approx(math.exp(1.15))
+
+
+def test_packing_matches_the_flux_pipeline():
+    from diffusers import FluxPipeline
+
+    x = torch.randn(2, 16, 8, 6)
+    packed = FluxPipeline._pack_latents(x, 2, 16, 8, 6)
+    assert torch.equal(pack(x), packed)
+    assert torch.equal(unpack(packed, 8, 6), x)
+
+
+def test_memory_estimate_closed_form():
+    teacher = M.NetCount(total=1000, trainable=0, frozen_bytes=2, train_bytes=4)
+    student = M.NetCount(total=1100, trainable=100, frozen_bytes=2, train_bytes=4)  # LoRA + routers
+    est = M.estimate(teacher, student, student, tokens=10, hidden=8, layers=2, batch=3, act_bytes=2,
+                     checkpointing=False, dar_sublayers=4)
+    gib = M.GiB
+    assert est["teacher"] * gib == 2000
+    assert est["student"] * gib == 1000 * 2 + 100 * 4
+    assert est["gradients"] * gib == 2 * 100 * 4
+    assert est["optimizer"] * gib == 8 * 200
+    assert est["ema"] * gib == 2400
+    assert est["activations (rough)"] * gib == pytest.approx(10 * 8 * 2 * 3 * (16 * 2 + 4))
+    sharded = M.estimate(teacher, student, student, tokens=10, hidden=8, layers=2, batch=3, act_bytes=2,
+                         checkpointing=True, offload_teacher=True, world_size=8, sharded=True)
+    assert sharded["teacher"] == 0 and sharded["optimizer"] * gib == 8 * 200 / 8
+    assert "MiB" in M.format_estimate(est, "t")
+
+
+def test_unsupported_class_in_a_pipeline_folder(tmp_path):
+    """The early check reads model_index.json: nothing is loaded before the error."""
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "X", "transformer": ["diffusers",
+                                                                                            "SanaTransformer2DModel"]}))
+    source, local_only = L.resolve_source(str(folder))
+    with pytest.raises(UserError, match="no DAR adapter for SanaTransformer2DModel"):
+        L.family_from_index(L.pipeline_index(source, local_only))
+    shutil.rmtree(folder)
