@@ -120,6 +120,10 @@ class NativeTask(DistillTask):
         if need_real:
             if self._dataset is None:
                 self._dataset = self._make_dataset(self.data_cfg)
+                n_data = len(getattr(self._dataset, "class_names", []) or [])
+                if self.num_classes and n_data != self.num_classes:
+                    raise UserError(f"the real-image dataset ({self.data_cfg.source}) has {n_data} classes but the "
+                                    f"teacher has {self.num_classes}; use data that matches the teacher's classes")
             real, real_labels, _ = draw_batch(self._dataset, batch_size, gen)
             batch.real, batch.real_cond = real.to(device), real_labels.to(device)
         return batch

@@ -195,17 +195,36 @@ def run(cfg: DistillConfig) -> Path:
         if cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0:
             save(done)
     accelerator.wait_for_everyone()
+    identical = replicas_identical(accelerator, student)
     export = run_dir / "export"
     if accelerator.is_main_process:
         if cfg.run.steps > start and (not cfg.run.ckpt_every or cfg.run.steps % cfg.run.ckpt_every):
             save(cfg.run.steps)
         task.export(ema.model, export)
         _sample_grid(task, ema.model, export / "samples_grid.png")
-        (run_dir / "summary.json").write_text(json.dumps({"steps": cfg.run.steps, "bad_steps_total": guard.total,
-                                                          "student_timesteps": task.student_times}, indent=2))
+        summary = {"steps": cfg.run.steps, "bad_steps_total": guard.total, "student_timesteps": task.student_times,
+                   "num_processes": accelerator.num_processes, "replicas_identical": identical}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if not identical:
+            accelerator.print("warning: the generator replicas differ across processes (see summary.json)")
         accelerator.print(f"student exported to {export}")
     accelerator.end_training()
     return export
+
+
+@torch.no_grad()
+def replicas_identical(accelerator, model) -> bool:
+    """Whether every process holds bit-identical generator weights (DDP keeps them so; drift means a bug)."""
+    if accelerator.num_processes == 1:
+        return True
+    sums = []
+    for p in accelerator.unwrap_model(model).parameters():
+        v = p.detach().double().flatten()
+        ramp = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
+        sums.append(torch.stack([v.sum(), (v * v).sum(), (v * ramp).sum()]))
+    local = torch.cat(sums)[None]  # [1, 3 * num_params]
+    everyone = accelerator.gather(local)  # [world, 3 * num_params]
+    return bool((everyone == everyone[0:1]).all())
 
 
 @torch.no_grad()
