@@ -29,11 +29,11 @@ class ModelConfig:
     image_size: int = 32
     in_channels: int = 3
     patch_size: int = 4
-    hidden_size: int = 192
+    hidden_size: int = 128
     depth: int = 6
-    num_heads: int = 6
+    num_heads: int = 4
     mlp_ratio: float = 4.0
-    num_classes: int = 10
+    num_classes: int = 8  # the procedural dataset's classes
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -105,8 +105,8 @@ def routing_from_dict(data: dict[str, Any]) -> RoutingConfig:
 _SIT_LATENT = dict(image_size=32, in_channels=4, patch_size=2, num_classes=1000)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=16, in_channels=3, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=4),
-    "embedded": dict(image_size=32, in_channels=3, patch_size=4, hidden_size=192, depth=6, num_heads=6,
-                     num_classes=10),
+    "embedded": dict(image_size=32, in_channels=3, patch_size=4, hidden_size=128, depth=6, num_heads=4,
+                     num_classes=8),
     "SiT-S/2": dict(_SIT_LATENT, hidden_size=384, depth=12, num_heads=6),
     "SiT-B/2": dict(_SIT_LATENT, hidden_size=768, depth=12, num_heads=12),
     "SiT-L/2": dict(_SIT_LATENT, hidden_size=1024, depth=24, num_heads=16),
