@@ -1,0 +1,122 @@
+"""End to end on tiny random pipelines: ``dmd-dar distill`` (diffusers teacher) -> export -> ``dmd-dar sample
+prompt=...`` -> ``dmd-dar eval``, for an SD3-like (CFG, 2-step student, full fine-tuning) and a Flux-like
+(embedded guidance, 1-step, LoRA) teacher; and the same tiny distill in two processes (gloo) with identical
+replicas."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmd_dar.cli import main
+from dmd_dar.data.manifest import read_manifest
+from dmd_dar.t2i.tiny import build_tiny_pipeline
+from dmd_dar.utils.io import load_safetensors
+
+PROMPTS = ["a cat on a mat", "a red fox in the snow", "macro photo of a bee"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def distill_args(root: Path, family: str, out: Path, *extra: str) -> list[str]:
+    return ["networks.teacher_kind=diffusers", f"t2i.model={root / family}", "t2i.dtype=float32", "t2i.height=16",
+            "t2i.width=16", f"t2i.prompts=[{root / 'prompts.txt'}]", "t2i.max_sequence_length=8",
+            f"t2i.embed_cache_dir={root / 'cache'}", "t2i.reference_samples=2", "t2i.teacher_steps=2",
+            "t2i.grid_prompts=1", f"run.out_dir={out}", "run.steps=2", "run.batch_size=2", "run.cpu=true",
+            "run.log_every=1", "run.sample_every=0", "run.ckpt_every=0", "run.log_with=none", "run.progress=false",
+            "method.ttur=1", "debug_grid_every=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i_rt")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    for family in ("sd3", "flux"):
+        build_tiny_pipeline(family, root / family)
+    return root
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("sd3", ["method.student_steps=2", "t2i.route_text=true"]),
+    ("flux", ["t2i.lora_rank=4", "networks.fake_routing.kind=dar"]),
+])
+def test_distill_export_sample_eval(root, family, extra):
+    out = root / f"run_{family}"
+    assert main(["distill", *distill_args(root, family, out, *extra)]) == 0
+    export = out / "export"
+    info = json.loads((export / "dmd_dar_t2i.json").read_text())
+    assert info["family"] == family and (export / "transformer" / "config.json").is_file()
+    assert (export / "lora" / "adapter_model.safetensors").is_file() == (family == "flux")
+    routers = load_safetensors(export / "dar_router.safetensors")
+    assert routers and all(k.startswith(("router.", "text_router.")) for k in routers)
+    assert any(k.startswith("text_router.") for k in routers) == (family == "sd3")  # route_text
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(r["gen/dm_loss"])) for r in logs)
+
+    samples = root / f"samples_{family}"
+    assert main(["sample", f"checkpoint={out}", "prompt=a red fox in the snow", f"prompts_file={root / 'prompts.txt'}",
+                 "num_per_class=2", f"out_dir={samples}", "device=cpu"]) == 0
+    records = read_manifest(samples)
+    assert len(records) == 2 * (1 + len(PROMPTS)) and records[0]["caption"] == "a red fox in the snow"
+    again = root / f"samples_{family}_again"
+    assert main(["sample", f"checkpoint={export}", "prompt=a red fox in the snow", "num_per_class=2",
+                 f"out_dir={again}", "device=cpu"]) == 0
+    a, b = (samples / records[0]["file"]).read_bytes(), (again / records[0]["file"]).read_bytes()
+    assert a == b  # same prompt + seed -> same image, whatever else is in the batch
+
+    report = root / f"eval_{family}"
+    assert main(["eval", f"samples=[{samples}]", "metrics=[spectral]", "report=false", "bootstrap=20",
+                 f"out_dir={report}", "device=cpu"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert "spectral" in json.dumps(metrics)
+
+
+def test_sample_prompt_needs_a_t2i_student(root):
+    assert main(["sample", "checkpoint=assets/teacher", "prompt=a cat", "device=cpu"]) == 2
+
+
+_WORKER = r"""
+import os, sys
+from safetensors.torch import save_file
+from dmd_dar.config import build_config
+from dmd_dar.distill import t2i, trainer
+from dmd_dar.distill.config import DistillConfig
+
+built = []
+orig = t2i.DiffusersT2ITask.build_network
+def record(self, *a, **k):
+    net = orig(self, *a, **k)
+    built.append(net)
+    return net
+t2i.DiffusersT2ITask.build_network = record
+trainer.run(build_config(DistillConfig, [], sys.argv[2:]))
+rank = os.environ.get("RANK", "0")
+assert os.environ.get("WORLD_SIZE") == "2", os.environ.get("WORLD_SIZE")
+save_file({k: v.contiguous() for k, v in built[0].state_dict().items()}, f"{sys.argv[1]}/student_rank{rank}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_distill_gives_identical_replicas(root, tmp_path):
+    """Two CPU processes (torchrun + gloo): the run finishes and both ranks' students are identical."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # torchrun, as `accelerate launch --multi_gpu` does; run.cpu=true makes accelerate pick gloo (MULTI_CPU)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(worker), str(tmp_path),
+           *distill_args(root, "sd3", out, "t2i.lora_rank=2", "t2i.reference_samples=0")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_safetensors(tmp_path / "student_rank0.safetensors")
+    b = load_safetensors(tmp_path / "student_rank1.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    trained = [k for k in a if "lora_B" in k]
+    assert trained and any(a[k].abs().sum() > 0 for k in trained)  # the replicas did train (LoRA B left zero)
+    assert (out / "export" / "dmd_dar_t2i.json").is_file()
