@@ -148,3 +148,53 @@ def test_unsupported_class_in_a_pipeline_folder(tmp_path):
     with pytest.raises(UserError, match="no DAR adapter for SanaTransformer2DModel"):
         L.family_from_index(L.pipeline_index(source, local_only))
     shutil.rmtree(folder)
+
+
+CONFIGS = ("sd35_medium", "flux_dev", "pixart_sigma", "dit_xl2", "qwen_image")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_t2i_configs_resolve(name):
+    from pathlib import Path
+
+    from dmd_dar.config import build_config
+    from dmd_dar.distill.config import DistillConfig
+
+    cfg = build_config(DistillConfig, [Path(__file__).resolve().parent.parent / "configs" / "t2i" / f"{name}.yaml"])
+    assert cfg.networks.teacher_kind == "diffusers" and cfg.t2i.model
+    if name == "qwen_image":  # the DAR paper's Qwen-Image recipe
+        assert (cfg.t2i.lora_rank, cfg.generator_optim.lr, cfg.fake_optim.lr) == (64, 5e-6, 2e-6)
+        assert (cfg.method.student_steps, cfg.method.guidance_scale, cfg.t2i.height, cfg.t2i.width) == (4, 4.0, 1024,
+                                                                                                          1024)
+        assert cfg.t2i.dtype == "bfloat16" and cfg.run.mixed_precision == "bf16" and cfg.run.batch_size == 1
+    if name == "flux_dev":
+        assert cfg.t2i.guidance == "embedded"
+
+
+def test_dit_class_id_prompts_resolve_from_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_prompts("configs/t2i/imagenet_class_ids.txt")[:3] == ["0", "1", "2"]
+
+
+def test_accelerate_configs_parse_and_fsdp_units_exist_in_every_family():
+    """The FSDP units must be modules the DAR adapters call directly (attention, feed-forward), present in every
+    family's model (Flux under its documented override)."""
+    import sys
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+    kinds = {f.stem: load_config_from_file(str(f)).distributed_type.value for f in root.glob("*.yaml")}
+    assert kinds == {"ddp_8gpu": "MULTI_GPU", "fsdp_8gpu": "FSDP", "fsdp_1gpu_80gb": "FSDP"}
+    fsdp = load_config_from_file(str(root / "fsdp_8gpu.yaml")).fsdp_config
+    assert fsdp["fsdp_use_orig_params"] and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_backbones_parity import FACTORIES
+
+    for name, factory in FACTORIES.items():
+        model, _ = factory()
+        names = "FluxAttention,FeedForward" if name == "Flux" else fsdp["fsdp_transformer_layer_cls_to_wrap"]
+        for cls in names.split(","):
+            assert get_module_class_from_name(model, cls) is not None, (name, cls)

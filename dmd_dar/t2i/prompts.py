@@ -6,6 +6,8 @@ A source is one of
 - a ``.jsonl`` file: one JSON object per line with a string under the caption key;
 - a project prompt set by name: ``detail`` (``eval/prompts/detail_prompts.txt``).
 
+Relative paths that do not exist here are looked up in the project root (paths in ``configs/``).
+
 Empty sources and invalid rows are ``UserError``s that name the file and the line numbers.
 """
 
@@ -85,6 +87,8 @@ def _jsonl(path: Path, key: str) -> list[str]:
 def load_prompts(source: str, caption_key: str = "caption") -> list[str]:
     """The prompts of one source (see the module docstring)."""
     path = PROMPT_SETS.get(source, Path(source).expanduser())
+    if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
+        path = PROJECT_ROOT / path  # project-relative paths in configs/ (e.g. configs/t2i/imagenet_class_ids.txt)
     if not path.is_file():
         raise UserError(f"prompt file {source} not found; pass a .txt / .csv / .jsonl file or a prompt set "
                         f"({', '.join(PROMPT_SETS)})")
