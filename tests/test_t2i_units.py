@@ -198,3 +198,39 @@ def test_accelerate_configs_parse_and_fsdp_units_exist_in_every_family():
         names = "FluxAttention,FeedForward" if name == "Flux" else fsdp["fsdp_transformer_layer_cls_to_wrap"]
         for cls in names.split(","):
             assert get_module_class_from_name(model, cls) is not None, (name, cls)
+
+
+def test_t2inet_conventions_for_qwen_pixart_dit():
+    """The families without a tiny pipeline here: T2INet feeds the stock forward in the pipelines' conventions
+    (Qwen-Image: packed tokens, t in [0, 1]; PixArt / DiT: DDPM index t * 999, eps half of the learned-sigma
+    output) and returns unpacked [B, C, h, w] predictions."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_backbones_parity import make
+
+    from dmd_dar.t2i.families import T2INet
+
+    t = torch.tensor([0.25, 0.75])
+    model, inputs = make("QwenImage")  # in_channels 16 = 4 latent channels packed 2x2
+    x = torch.randn(2, 4, 8, 8)
+    cond = {"prompt_embeds": inputs["encoder_hidden_states"], "prompt_embeds_mask": inputs["encoder_hidden_states_mask"]}
+    with torch.no_grad():
+        got = T2INet(model, FAMILIES["qwenimage"])(x, t, cond)
+        ref = model(hidden_states=pack(x), encoder_hidden_states=cond["prompt_embeds"],
+                    encoder_hidden_states_mask=cond["prompt_embeds_mask"], timestep=t, img_shapes=[[(1, 4, 4)]] * 2,
+                    return_dict=False)[0]
+    torch.testing.assert_close(got, unpack(ref, 8, 8))
+    for name in ("PixArt", "DiT"):
+        model, inputs = make(name)
+        fam = FAMILIES[name.lower()]
+        x = inputs["hidden_states"]
+        cond = ({"class_labels": inputs["class_labels"]} if name == "DiT" else
+                {"prompt_embeds": inputs["encoder_hidden_states"], "attention_mask": inputs["encoder_attention_mask"]})
+        with torch.no_grad():
+            got = T2INet(model, fam)(x, t, cond)
+            kwargs = {k: v for k, v in inputs.items() if k not in ("hidden_states", "timestep")}
+            ref = model(x, timestep=t * 999, return_dict=False, **kwargs)[0]
+        assert ref.shape[1] == 2 * x.shape[1] and got.shape == x.shape
+        torch.testing.assert_close(got, ref[:, :x.shape[1]])

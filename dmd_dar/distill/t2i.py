@@ -241,7 +241,9 @@ class DiffusersT2ITask(DistillTask):
                 p.requires_grad_(True)
                 p.data = p.data.to(self.train_dtype)
         else:
-            wrapped.to(self.train_dtype).requires_grad_(True)
+            for p in wrapped.parameters():  # per tensor: ModelMixin.to() warns about fp32-pinned modules
+                p.data = p.data.to(self.train_dtype)
+            wrapped.requires_grad_(True)
         if gradient_checkpointing:
             model.enable_gradient_checkpointing()
         net = T2INet(wrapped, self.family, self.embedded_guidance).to(self.device).train()

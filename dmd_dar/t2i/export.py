@@ -48,8 +48,8 @@ def export_student(net, folder: Path, task) -> Path:
         save_lora(wrapped.transformer, folder / "lora")
     merged = copy.deepcopy(wrapped).cpu()
     merge_lora(merged.transformer)
-    if merged.transformer.dtype != task.dtype:  # full fine-tuning trains in train_dtype; export in the teacher's
-        merged.transformer.to(task.dtype)
+    for p in merged.transformer.parameters():  # full fine-tuning trains in train_dtype; export in the teacher's
+        p.data = p.data.to(task.dtype)
     merged.transformer.save_pretrained(str(folder / "transformer"), safe_serialization=True)
     routers = {k: v.detach().float().contiguous() for k, v in merged.state_dict().items()
                if k.startswith(ROUTER_PREFIXES)}
