@@ -22,7 +22,8 @@ def test_realscale_config_is_sd35_medium_sized():
 
     mod = _module()
     with torch.device("meta"):
-        model = SD3Transformer2DModel(**mod.SD35_MEDIUM)
+        # pos_embed is a (numpy-built, 384^2 x 1536) buffer, not a parameter: a small table keeps this test fast
+        model = SD3Transformer2DModel(**{**mod.SD35_MEDIUM, "pos_embed_max_size": 16})
     n = sum(p.numel() for p in model.parameters())
     assert 2.0e9 < n < 2.7e9  # SD3.5-medium's transformer: ~2.2B (2.5B with text projections in the pipeline)
     assert sum(b.use_dual_attention for b in model.transformer_blocks) == 13

@@ -91,7 +91,8 @@ def sample_t2i(cfg, folder: Path) -> Path:
         gen = torch.Generator(device=device).manual_seed(derive_seed("renoise", seeds[0]))
         with torch.no_grad():
             x = student_sample(net, path, cond, z, info["student_timesteps"], gen)
-            images.append(decode_latents(vae, family.name, x).cpu())
+            for i in range(0, x.shape[0], 4):  # the VAE decoder is the memory peak at 1024^2
+                images.append(decode_latents(vae, family.name, x[i:i + 4]).cpu())
         for (p, s), noise_seed in zip(chunk, seeds):
             records.append({"index": len(records), "seed": s, "noise_seed": noise_seed, "prompt_id": p,
                             "caption": prompts[p]})
