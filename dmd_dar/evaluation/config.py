@@ -27,11 +27,23 @@ class ClipSettings:
     random_init: bool = False  # tests and benchmarks only: random weights, recorded as such
 
 
+LPIPS_NETS = ("auto", "alex", "vgg", "stlpips_alex", "alexnet", "vgg16")  # the last two: aliases
+
+
 @dataclass
 class LpipsSettings:
-    net: str = "alex"  # alex | vgg
+    """Perceptual distance of LPIPS fidelity / diversity.
+
+    ``net``: ``alex`` | ``vgg`` (standard LPIPS v0.1, needs the torchvision ImageNet trunk file), ``stlpips_alex``
+    (ST-LPIPS, weights bundled in the ``stlpips-pytorch`` wheel) or ``auto``: standard LPIPS alex when its trunk
+    file is here, else ST-LPIPS (only when ``backbone_weights`` is unset: a configured file that is missing stays an
+    'unavailable' record). Which one ran is in metrics.json (``protocol.models.lpips``, each result's ``model``);
+    ST-LPIPS values are not comparable with LPIPS values.
+    """
+
+    net: str = "auto"  # auto | alex | vgg | stlpips_alex
     backbone_weights: str | None = None  # torchvision ImageNet trunk; default: the torch hub cache file
-    random_backbone: bool = False  # tests and benchmarks only
+    random_backbone: bool = False  # tests and benchmarks only (standard LPIPS with a random trunk)
 
 
 @dataclass
@@ -84,6 +96,8 @@ class EvalConfig:
                             "give one name per folder or omit names")
         if self.resize_filter not in RESIZE_FILTERS:
             raise UserError(f"resize_filter={self.resize_filter!r} is not one of {list(RESIZE_FILTERS)}")
+        if self.lpips.net not in LPIPS_NETS:
+            raise UserError(f"lpips.net={self.lpips.net!r} must be one of {list(LPIPS_NETS)}")
         if self.clip.text_source not in ("caption", "class"):
             raise UserError(f"clip.text_source={self.clip.text_source!r} must be 'caption' or 'class'")
         if self.features.space not in ("clip", "inception"):

@@ -32,7 +32,7 @@ from dmd_dar.utils.io import atomic_write_json
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 FORMAT = "dmd_dar.eval/1"
-_LPIPS_MIN_SIDE = {"alex": 32, "alexnet": 32, "vgg": 16, "vgg16": 16}  # below this the trunk's pooling fails
+_LPIPS_MIN_SIDE = {"alex": 32, "alexnet": 32, "vgg": 16, "vgg16": 16, "stlpips_alex": 21}  # below this the trunk's pooling fails
 
 
 def resolve_asset(path: str | None) -> str | None:
@@ -58,6 +58,7 @@ class Backbones:
         self.cfg = cfg
         self.device = _device(cfg.device)
         self._built: dict[str, Any] = {}
+        self.lpips_selection: dict[str, Any] | None = None
 
     def _get(self, key: str, build):
         if key not in self._built:
@@ -71,11 +72,36 @@ class Backbones:
         return got
 
     def lpips(self):
+        """The LPIPS-family model of ``cfg.lpips.net`` (``auto``: standard alex if its trunk file is here, else
+        ST-LPIPS); the choice is recorded in ``protocol.models.lpips.selection``."""
         from dmd_dar.metrics.lpips_metric import LpipsModel
+        from dmd_dar.metrics.stlpips_metric import StLpipsModel
 
         c = self.cfg.lpips
-        return self._get("lpips", lambda: LpipsModel(c.net, resolve_asset(c.backbone_weights), device=self.device,
-                                                     random_backbone=c.random_backbone, seed=self.cfg.seed))
+
+        def build():
+            if c.net == "stlpips_alex":
+                self.lpips_selection = {"requested": c.net, "ran": "stlpips_alex"}
+                return StLpipsModel(device=self.device)
+            net = "alex" if c.net == "auto" else c.net
+            try:
+                model = LpipsModel(net, resolve_asset(c.backbone_weights), device=self.device,
+                                   random_backbone=c.random_backbone, seed=self.cfg.seed)
+            except MetricUnavailable as err:
+                if c.net != "auto" or c.backbone_weights is not None:
+                    raise
+                try:
+                    model = StLpipsModel(device=self.device)
+                except MetricUnavailable as st_err:
+                    raise MetricUnavailable(err.metric, err.needs, f"{err.reason}; ST-LPIPS fallback: "
+                                            f"{st_err.reason} ({st_err.needs})") from None
+                self.lpips_selection = {"requested": "auto", "ran": "stlpips_alex",
+                                        "why": f"standard LPIPS unavailable: {err}"}
+                return model
+            self.lpips_selection = {"requested": c.net, "ran": net}
+            return model
+
+        return self._get("lpips", build)
 
     def clip(self):
         from dmd_dar.metrics.clip_score import OpenClipModel
@@ -113,6 +139,8 @@ class Backbones:
         out = {}
         for key, obj in self._built.items():
             out[key] = obj.record() if isinstance(obj, MetricUnavailable) else obj.protocol()
+        if "lpips" in out and self.lpips_selection is not None:
+            out["lpips"]["selection"] = self.lpips_selection
         return out
 
 
@@ -247,11 +275,17 @@ class Evaluation:
         return self._feat[s.name]
 
     def _lpips_too_small(self, metric: str, s: ImageSet) -> dict[str, Any] | None:
-        need = _LPIPS_MIN_SIDE.get(self.cfg.lpips.net, 32)
+        need = _LPIPS_MIN_SIDE.get(self.cfg.lpips.net, 32)  # auto: 32, the stricter of alex / ST-LPIPS
         if min(s.size) < need:
             return _unavailable(metric, f"images of at least {need}x{need} px",
                                 f"the LPIPS {self.cfg.lpips.net} trunk cannot run on {s.size[1]}x{s.size[0]} images")
         return None
+
+    @staticmethod
+    def _lpips_model_record(model) -> dict[str, Any]:
+        """Which perceptual model produced a value (ST-LPIPS values are not comparable with LPIPS values)."""
+        return {"label": model.label, "model": model.display_name,
+                "comparable_with_lpips": model.label == "LPIPS"}
 
     def _diversity(self, s: ImageSet) -> dict[str, Any]:
         from dmd_dar.metrics.lpips_metric import pairwise_lpips
@@ -270,8 +304,9 @@ class Evaluation:
         vals = torch.tensor(list(per.values()), dtype=torch.float64)
         out = {"mean": self._ci(vals, f"{s.name}/lpips_diversity"), "n_groups": len(per),
                "k_per_group": sorted({len(i) for i in groups.values()}), "per_group": per,
-               "definition": "per group: mean LPIPS over all pairs of its first K images; then mean over groups "
-                             "(CI over groups)"}
+               **self._lpips_model_record(model),
+               "definition": f"per group: mean {model.label} over all pairs of its first K images; then mean over "
+                             "groups (CI over groups)"}
         return out
 
     # ------------------------------------------------------------------------------------------- comparisons
@@ -354,7 +389,7 @@ class Evaluation:
         for s in range(0, len(ia), self.cfg.batch_size):
             vals.append(model(a.load(ia[s:s + self.cfg.batch_size]), b.load(ib[s:s + self.cfg.batch_size])))
         v = torch.cat(vals)
-        out = {"mean": self._ci(v, f"{tag}/lpips_fidelity"), "n": len(v)}
+        out = {"mean": self._ci(v, f"{tag}/lpips_fidelity"), "n": len(v), **self._lpips_model_record(model)}
         groups = [a.groups[i] for i in ia]
         if any(g is not None for g in groups):
             buckets: dict[str, list[int]] = {}
@@ -442,7 +477,8 @@ class Evaluation:
                           "quantity's name; paired sets resample pairs together, others each set independently"},
             "seeds": {"eval": cfg.seed, **{s.name: _seed_summary(s.records) for s in self.all_sets}},
             "package_versions": package_versions(("torch", "torchvision", "numpy", "scipy", "open_clip_torch",
-                                                  "lpips", "safetensors", "pillow", "matplotlib")),
+                                                  "lpips", "stlpips-pytorch", "safetensors", "pillow",
+                                                  "matplotlib")),
             **self.extra_protocol,
         }
 
@@ -502,7 +538,8 @@ def verdict(comp: dict[str, Any], c: float) -> str:
     lf = comp.get("lpips_fidelity", {})
     if "mean" in lf:
         m = lf["mean"]
-        parts.append(f"LPIPS fidelity {_fmt(m['estimate'])} [{_fmt(m['low'])}, {_fmt(m['high'])}]")
+        parts.append(f"{lf.get('label', 'LPIPS')} fidelity {_fmt(m['estimate'])} [{_fmt(m['low'])}, "
+                     f"{_fmt(m['high'])}]")
     for k, label in (("fd", "FD"), ("cmmd", "CMMD")):
         d = comp.get(k, {})
         if "estimate" in d:

@@ -10,6 +10,10 @@ Weights. The ``lpips`` wheel bundles the linear calibration layers (``lpips/weig
 (``.safetensors`` or ``.pth`` via ``torch.load(weights_only=True)``, torchvision key names ``features.<i>.*``), or
 from the torch hub cache ``$TORCH_HOME/hub/checkpoints/<file>``; if neither exists :class:`MetricUnavailable`
 names the file to provide. Images are compared at their native resolution, inputs in [-1, 1].
+
+Offline alternative: :class:`dmd_dar.metrics.stlpips_metric.StLpipsModel` (ST-LPIPS, weights bundled in its wheel)
+has the same interface; every accumulator and helper here takes either model. Its values are not comparable
+with LPIPS values.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class LpipsModel:
     ``random_backbone=True`` (tests only) keeps a seeded random trunk and is recorded as such in ``protocol()``.
     """
 
+    label = "LPIPS"
+
     def __init__(self, net: str = "alex", backbone_weights: str | os.PathLike | None = None,
                  lin_weights: str | os.PathLike | None = None, version: str = "0.1",
                  device: str | torch.device = "cpu", random_backbone: bool = False, seed: int = 0) -> None:
@@ -85,6 +91,10 @@ class LpipsModel:
     def name(self) -> str:
         return f"lpips-{self.net_name}-v{self.version}"
 
+    @property
+    def display_name(self) -> str:
+        return f"LPIPS ({self.net_name} v{self.version})"
+
     @staticmethod
     def _load_backbone(model: torch.nn.Module, path: str) -> None:
         sd = load_weights_file(path, "lpips")
@@ -104,20 +114,28 @@ class LpipsModel:
     @torch.no_grad()
     def __call__(self, a: torch.Tensor, b: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """LPIPS between paired images ``a, b [N, 3, H, W]`` in [-1, 1]: ``[N]`` float64."""
-        if a.shape != b.shape or a.ndim != 4 or a.shape[1] != 3:
-            raise UserError(f"LPIPS needs two RGB batches of equal shape [N, 3, H, W], got {tuple(a.shape)} "
-                            f"and {tuple(b.shape)}")
-        out = []
-        for i in range(0, a.shape[0], batch_size):
-            x = a[i:i + batch_size].to(self.device, torch.float32)
-            y = b[i:i + batch_size].to(self.device, torch.float32)
-            out.append(self.model(x, y, normalize=False).reshape(-1))  # [n]
-        return torch.cat(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)
+        return batched_distance(self.model, self.device, a, b, batch_size, "LPIPS")
 
     def protocol(self) -> dict[str, Any]:
-        return {"metric": "lpips", "net": self.net_name, "version": self.version, "backbone": self._backbone,
+        return {"metric": "lpips", "name": self.display_name, "label": self.label, "net": self.net_name,
+                "version": self.version, "backbone": self._backbone,
                 "lin_weights": file_fingerprint(self._lin_path), "input": "[-1, 1], native resolution",
                 "resize": None, "versions": package_versions()}
+
+
+@torch.no_grad()
+def batched_distance(net: torch.nn.Module, device: torch.device, a: torch.Tensor, b: torch.Tensor,
+                     batch_size: int, what: str) -> torch.Tensor:
+    """``net(a_i, b_i)`` over batches of paired RGB images in [-1, 1] (float32 on ``device``): ``[N]`` float64."""
+    if a.shape != b.shape or a.ndim != 4 or a.shape[1] != 3:
+        raise UserError(f"{what} needs two RGB batches of equal shape [N, 3, H, W], got {tuple(a.shape)} "
+                        f"and {tuple(b.shape)}")
+    out = []
+    for i in range(0, a.shape[0], batch_size):
+        x = a[i:i + batch_size].to(device, torch.float32)
+        y = b[i:i + batch_size].to(device, torch.float32)
+        out.append(net(x, y, normalize=False).reshape(-1))  # [n]
+    return torch.cat(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 
 def lpips_distance(model: LpipsModel, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,7 +57,11 @@ __all__ = [
 
 
 def _to_planes(images: Any, channels: str, value_range: tuple[float, float] | None) -> torch.Tensor:
-    """Images -> float64 planes ``[N, K, H, W]`` whose PSDs are averaged (K = 1 for luma / grey)."""
+    """Images -> float64 planes ``[N, K, H, W]`` whose PSDs are averaged (K = 1 for luma / grey).
+
+    Only the *scale* of the ``value_range -> [0, 1]`` map is applied (folded into the luma weights): its offset is
+    a constant per plane, which the mean removal that always follows cancels exactly in exact arithmetic.
+    """
     if channels not in _CHANNEL_MODES:
         raise UserError(f"spectral channels={channels!r} is not one of {_CHANNEL_MODES}")
     x = torch.as_tensor(images).to(torch.float64)
@@ -67,15 +71,30 @@ def _to_planes(images: Any, channels: str, value_range: tuple[float, float] | No
         x = x[:, None]  # [N, 1, H, W]: already grey / luma
     elif x.ndim != 4:
         raise UserError(f"spectral metrics take images [N, C, H, W] or [N, H, W], got shape {tuple(x.shape)}")
-    if value_range is not None:
-        lo, hi = value_range
-        x = (x - lo) / (hi - lo)  # -> [0, 1]; only scales absolute PSD levels, never the ratios
-    if x.shape[1] == 3 and channels == "luma":
-        w = torch.tensor(LUMA_BT601, dtype=torch.float64, device=x.device)
-        x = torch.einsum("nchw,c->nhw", x, w)[:, None]  # [N, 1, H, W]
-    elif x.shape[1] not in (1, 3):
+    if x.shape[1] not in (1, 3):
         raise UserError(f"spectral metrics take 1 or 3 channels, got {x.shape[1]}")
-    return x
+    scale = 1.0 if value_range is None else 1.0 / (value_range[1] - value_range[0])
+    if x.shape[1] == 3 and channels == "luma":
+        w = torch.tensor([c * scale for c in LUMA_BT601], dtype=torch.float64, device=x.device)
+        return torch.einsum("nchw,c->nhw", x, w)[:, None]  # [N, 1, H, W]
+    return x * scale if scale != 1.0 else x
+
+
+def _windowed_fft(images: Any, channels: str, value_range: tuple[float, float] | None,
+                  half: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(``FFT2(Y w)`` ``[N, K, H, W]`` complex128, or its ``rfft2`` half ``[N, K, H, W // 2 + 1]``; ``sum(w^2)``;
+    the image width ``W``)."""
+    x = _to_planes(images, channels, value_range)  # [N, K, H, W]
+    h, w = x.shape[-2:]
+    win = _hann2d_cached(h, w, str(x.device))  # [H, W]
+    x = (x - x.mean(dim=(-2, -1), keepdim=True)).mul_(win)
+    f = torch.fft.rfft2(x) if half else torch.fft.fft2(x)
+    return f, _hann_energy(h, w, str(x.device)), w
+
+
+def _abs2(f: torch.Tensor) -> torch.Tensor:
+    """``|f|^2`` of a complex tensor (real dtype), as ``re^2 + im^2``."""
+    return torch.view_as_real(f).square().sum(dim=-1)
 
 
 def hann2d(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -85,15 +104,21 @@ def hann2d(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return wh[:, None] * ww[None, :]
 
 
+@lru_cache(maxsize=16)
+def _hann2d_cached(h: int, w: int, device: str) -> torch.Tensor:
+    return hann2d(h, w, device)
+
+
+@lru_cache(maxsize=16)
+def _hann_energy(h: int, w: int, device: str) -> torch.Tensor:
+    """``sum(w^2)`` of the 2-D window, a 0-d float64 tensor on ``device``."""
+    return (_hann2d_cached(h, w, device) ** 2).sum()
+
+
 def psd2d(images: Any, channels: str = "luma", value_range: tuple[float, float] | None = (-1.0, 1.0)) -> torch.Tensor:
     """Windowed power spectral density ``[N, H, W]`` (unshifted FFT layout), normalised by ``sum(w^2)``."""
-    x = _to_planes(images, channels, value_range)  # [N, K, H, W]
-    h, w = x.shape[-2:]
-    x = x - x.mean(dim=(-2, -1), keepdim=True)
-    win = hann2d(h, w, x.device)  # [H, W]
-    f = torch.fft.fft2(x * win)  # [N, K, H, W] complex128
-    p = (f.real**2 + f.imag**2) / (win**2).sum()
-    return p.mean(dim=1)  # [N, H, W]
+    f, energy, _ = _windowed_fft(images, channels, value_range, half=False)  # [N, K, H, W]
+    return (_abs2(f) / energy).mean(dim=1)  # [N, H, W]
 
 
 def radial_frequency(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -108,20 +133,51 @@ def bin_centers(bins: int = DEFAULT_BINS) -> torch.Tensor:
     return (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
 
 
+class _RadialLayout(NamedTuple):
+    """How the ``rfft2`` half-plane of an ``H x W`` PSD reduces to every spectral sum, for fixed bins and cutoffs.
+
+    Every half-plane sample gets an *atom* id: samples with the same bin, the same membership in every
+    threshold set (each cutoff, both bands) and the same Hermitian weight share an atom; samples outside the
+    disk ``0 < rho <= 1`` go to one extra atom that nothing reads. One ``index_add_`` sums the PSD per atom
+    (``[N, A + 1]``), then ``atom_sums[:, :A] @ proj`` gives all the sums at once. The Hermitian weight (2 for a
+    column whose mirror ``-k`` lies in the discarded half, 1 for the self-mirrored columns ``k_x = 0`` and
+    ``k_x = W / 2``) is folded into ``proj``, so the sums equal those over the full ``H x W`` plane (``P(-k) =
+    P(k)`` for real images; ``rho(-k) = rho(k)`` exactly).
+    """
+
+    atom: torch.Tensor  # [H * (W // 2 + 1)] long: atom id per half-plane sample (A = outside the disk)
+    proj: torch.Tensor  # [A, B + K + 3] float64: atom -> (B bin sums, K cutoff sums, band high, band low, total)
+    counts: torch.Tensor  # [B] float64: full-plane samples per bin
+
+
 @lru_cache(maxsize=32)
-def _radial_layout(h: int, w: int, bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rho over the disk ``[M]``, flat pixel indices ``[M]``, bin index ``[M]``) for ``0 < rho <= 1``."""
-    rho = radial_frequency(h, w).reshape(-1)  # [H*W]
+def _radial_layout(h: int, w: int, bins: int, cutoffs: tuple[float, ...], device: str) -> _RadialLayout:
+    """The cached :class:`_RadialLayout` for ``(H, W, bins, cutoffs)`` on ``device`` (built once, on the CPU)."""
+    wr = w // 2 + 1
+    rho_full = radial_frequency(h, w)  # [H, W]
+    rho = rho_full[:, :wr].reshape(-1)  # [L]: the rfft2 columns are fftfreq(W)[:W // 2 + 1]
+    col = torch.arange(wr).repeat(h)  # [L]
+    weight = torch.where((col == 0) | (2 * col == w), 1, 2)  # [L] Hermitian multiplicity
     inside = (rho > 0) & (rho <= 1)
-    idx = torch.nonzero(inside).reshape(-1)
-    r = rho[idx]
-    b = (torch.ceil(r * bins) - 1).clamp_(0, bins - 1).long()  # bin (b/B, (b+1)/B] holds rho
-    return r, idx, b
-
-
-def _masked_sum(pflat: torch.Tensor, r: torch.Tensor, lo: float, hi: float, hi_inclusive: bool) -> torch.Tensor:
-    m = (r >= lo) & ((r <= hi) if hi_inclusive else (r < hi))
-    return pflat[:, m].sum(dim=1)
+    b = (torch.ceil(rho * bins) - 1).clamp_(0, bins - 1).long()  # bin (b/B, (b+1)/B] holds rho
+    members = [rho >= c for c in cutoffs]  # hf_ratio@c numerators (rho <= 1 is the disk)
+    members += [(rho >= BAND_HIGH[0]) & (rho <= BAND_HIGH[1]), (rho >= BAND_LOW[0]) & (rho < BAND_LOW[1])]
+    key = torch.stack([b, weight, *(m.long() for m in members)], dim=1)[inside]  # [M, 2 + K + 2]
+    uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # atoms [A, 2 + K + 2], [M]
+    n_atoms, n_cut = uniq.shape[0], len(cutoffs)
+    atom = torch.full((rho.numel(),), n_atoms, dtype=torch.long)
+    atom[inside] = inv
+    wt = uniq[:, 1].to(torch.float64)  # [A]
+    proj = torch.zeros(n_atoms, bins + n_cut + 3, dtype=torch.float64)
+    proj[torch.arange(n_atoms), uniq[:, 0]] = wt
+    proj[:, bins:bins + n_cut + 2] = uniq[:, 2:].to(torch.float64) * wt[:, None]
+    proj[:, -1] = wt  # total over the disk
+    full = rho_full[(rho_full > 0) & (rho_full <= 1)]
+    counts = torch.bincount((torch.ceil(full * bins) - 1).clamp_(0, bins - 1).long(), minlength=bins)
+    size = torch.bincount(inv, minlength=n_atoms).to(torch.float64)  # [A] half-plane samples per atom
+    if not torch.equal(counts.to(torch.float64), size @ proj[:, :bins]):  # Hermitian bookkeeping check
+        raise AssertionError(f"spectral half-plane layout does not cover the full {h}x{w} plane")
+    return _RadialLayout(atom.to(device), proj.to(device), counts.to(torch.float64).to(device))
 
 
 def _slope_rows(curves: torch.Tensor, centers: torch.Tensor, fit_range: tuple[float, float]) -> torch.Tensor:
@@ -144,20 +200,22 @@ def spectral_stats(images: Any, bins: int = DEFAULT_BINS, cutoffs: Sequence[floa
                    slope_range: tuple[float, float] = SLOPE_RANGE) -> dict[str, torch.Tensor]:
     """All per-image spectral quantities from one FFT: ``{"rapsd": [N, B], "hf_ratio@c": [N] for each cutoff,
     "band_ratio": [N], "slope": [N], "total_power": [N]}`` (float64)."""
-    p = psd2d(images, channels, value_range)  # [N, H, W]
-    n, h, w = p.shape
-    r, idx, b = _radial_layout(h, w, bins)
-    r, idx, b = r.to(p.device), idx.to(p.device), b.to(p.device)
-    pflat = p.reshape(n, -1)[:, idx]  # [N, M] disk samples
-    sums = torch.zeros(n, bins, dtype=torch.float64, device=p.device).index_add_(1, b, pflat)  # [N, B]
-    counts = torch.bincount(b, minlength=bins).to(torch.float64)  # [B]
-    curves = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan))  # [N, B]
-    total = pflat.sum(dim=1)  # [N]
+    cutoffs = tuple(float(c) for c in cutoffs)
+    f, energy, w = _windowed_fft(images, channels, value_range, half=True)  # [N, K, H, W // 2 + 1]
+    n, k, h, wr = f.shape
+    lay = _radial_layout(h, w, bins, cutoffs, str(f.device))
+    power = _abs2(f).reshape(n * k, h * wr)  # [N K, L] unnormalised
+    n_atoms = lay.proj.shape[0]
+    atoms = torch.zeros(n * k, n_atoms + 1, dtype=torch.float64, device=f.device).index_add_(1, lay.atom, power)
+    sums = (atoms[:, :n_atoms] @ lay.proj).reshape(n, k, -1).mean(dim=1) / energy  # [N, B + K + 3]
+    counts = lay.counts
+    curves = torch.where(counts > 0, sums[:, :bins] / counts.clamp_min(1), torch.full_like(sums[:, :bins], math.nan))
+    total = sums[:, -1]  # [N]
     out: dict[str, torch.Tensor] = {"rapsd": curves, "total_power": total}
-    for c in cutoffs:
-        out[f"hf_ratio@{c:g}"] = _masked_sum(pflat, r, float(c), 1.0, True) / total
-    out["band_ratio"] = _masked_sum(pflat, r, *BAND_HIGH, True) / _masked_sum(pflat, r, *BAND_LOW, False)
-    out["slope"] = _slope_rows(curves, bin_centers(bins).to(p.device), slope_range)
+    for i, c in enumerate(cutoffs):
+        out[f"hf_ratio@{c:g}"] = sums[:, bins + i] / total
+    out["band_ratio"] = sums[:, bins + len(cutoffs)] / sums[:, bins + len(cutoffs) + 1]
+    out["slope"] = _slope_rows(curves, bin_centers(bins).to(f.device), slope_range)
     return out
 
 

@@ -144,11 +144,17 @@ def _spectral_table(metrics: dict[str, Any]) -> str:
     return _table(["set", "n", *names], rows, "per-image spectral scalars: mean [95% CI]")
 
 
+def _lpips_label(metrics: dict[str, Any]) -> str:
+    """"LPIPS" or "ST-LPIPS": the perceptual model that ran (their values are not comparable)."""
+    rec = metrics.get("protocol", {}).get("models", {}).get("lpips")
+    return rec.get("label", "LPIPS") if isinstance(rec, dict) else "LPIPS"
+
+
 def _comparison_table(metrics: dict[str, Any]) -> str:
     cols = [("HF gap dB", lambda c: c.get("spectral", {}).get("hf_gap_db")),
             ("LSD dB", lambda c: c.get("spectral", {}).get("lsd_db")),
             ("paired log HF ratio", lambda c: c.get("spectral", {}).get("paired_log_hf_ratio")),
-            ("LPIPS fidelity", lambda c: c.get("lpips_fidelity", {}).get("mean", c.get("lpips_fidelity"))),
+            (f"{_lpips_label(metrics)} fidelity", lambda c: c.get("lpips_fidelity", {}).get("mean", c.get("lpips_fidelity"))),
             ("CLIP cos diff (paired)", lambda c: c.get("clip_score_diff")),
             ("FD", lambda c: c.get("fd")), ("CMMD", lambda c: c.get("cmmd"))]
     rows = [[_td(c["name"]), _td(c["kind"]),
@@ -183,7 +189,7 @@ def _per_group_sets_table(metrics: dict[str, Any]) -> str:
             cols.append((f"{n}: CLIP cos", cs))
         dv = e.get("lpips_diversity", {}).get("per_group") if isinstance(e.get("lpips_diversity"), dict) else None
         if dv:
-            cols.append((f"{n}: LPIPS diversity", dv))
+            cols.append((f"{n}: {_lpips_label(metrics)} diversity", dv))
     if not cols:
         return ""
     groups: list[str] = []
@@ -200,8 +206,9 @@ def _set_metric_tables(metrics: dict[str, Any]) -> str:
         rows.append([_td(n), ci_cell(cs.get("mean_cos", cs) if isinstance(cs, dict) else None),
                      ci_cell(cs.get("x100") if isinstance(cs, dict) else None),
                      ci_cell(dv.get("mean", dv) if isinstance(dv, dict) else None)])
-    return _table(["set", "CLIP score (mean cos)", "CLIP score x100", "LPIPS diversity"], rows,
-                  "per-set CLIP score and LPIPS diversity [95% CI]")
+    lp = _lpips_label(metrics)
+    return _table(["set", "CLIP score (mean cos)", "CLIP score x100", f"{lp} diversity"], rows,
+                  f"per-set CLIP score and {lp} diversity [95% CI]")
 
 
 def _bench_table(bench: dict[str, Any]) -> str:
@@ -236,7 +243,7 @@ def render_html(metrics: dict[str, Any], plots: dict[str, bytes], per_group: int
     parts += ["<h2>Spectra</h2>"] + [_img_tag(png, name, "plot") for name, png in plots.items()]
     parts += [_spectral_table(metrics), "<h2>Comparisons</h2>", _comparison_table(metrics),
               "<h2>High-frequency gap per class / prompt</h2>", _per_group_gap_table(metrics),
-              "<h2>CLIP score and LPIPS diversity</h2>", _set_metric_tables(metrics),
+              f"<h2>CLIP score and {_lpips_label(metrics)} diversity</h2>", _set_metric_tables(metrics),
               "<h2>Per class / prompt</h2>", _per_group_sets_table(metrics)]
     if metrics.get("bench"):
         parts += ["<h2>Metric throughput</h2>", _bench_table(metrics["bench"])]
