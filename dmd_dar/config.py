@@ -117,6 +117,21 @@ def diff_configs(old: Any, new: Any, ignore: tuple[str, ...] = ()) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore)]
 
 
+def check_resume_config(schema: type, cfg: Any, run_dir: str | Path, ignore: tuple[str, ...]) -> None:
+    """Refuse to resume ``run_dir`` with a config that differs from its saved one outside ``ignore``.
+
+    Keys such as the step budget or the logging cadence may change on resume; anything that changes what is
+    trained makes the resumed run a different experiment, so the error names the keys that differ.
+    """
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    changed = diff_configs(load_saved_config(schema, saved), cfg, ignore=ignore)
+    if changed:
+        raise UserError(f"{run_dir}: resuming with a changed config ({', '.join(changed)}); use a new "
+                        f"run.out_dir, or run.resume=false to start over in place")
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dmd_dar.config import diff_configs, load_saved_config, save_config, to_yaml
+from dmd_dar.config import check_resume_config, save_config, to_yaml
 from dmd_dar.distill.config import DistillConfig
 from dmd_dar.distill.denoiser import Denoiser
 from dmd_dar.distill.gan import GANHead
@@ -28,15 +28,6 @@ from dmd_dar.training.seeding import derive_seed, seed_step
 
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
                      "run.progress", "run.log_with", "run.resume", "debug_grid_every")
-
-
-def _check_resume(cfg: DistillConfig, run_dir: Path) -> None:
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        changed = diff_configs(load_saved_config(DistillConfig, saved), cfg, ignore=RESUMABLE_CHANGES)
-        if changed:
-            raise UserError(f"{run_dir}: resuming with a changed config ({', '.join(changed)}); use a new "
-                            f"run.out_dir, or run.resume=false to start over in place")
 
 
 def build_task(cfg: DistillConfig, device) -> DistillTask:
@@ -66,13 +57,14 @@ def run(cfg: DistillConfig) -> Path:
     ckpt = Checkpointer(run_dir, keep=cfg.run.keep_checkpoints)
     resume_from = ckpt.latest() if cfg.run.resume else None
     if resume_from is not None:
-        _check_resume(cfg, run_dir)
+        check_resume_config(DistillConfig, cfg, run_dir, RESUMABLE_CHANGES)
     accelerator = make_accelerator(cfg.run, "distill")
     device = accelerator.device
     if accelerator.is_main_process:
         save_config(cfg, run_dir)
         print(to_yaml(cfg))
 
+    torch.manual_seed(derive_seed(cfg.run.seed, "init"))  # new parameters (GAN head, LoRA) depend on run.seed only
     task = build_task(cfg, device)
     path, null = task.teacher.path, task.teacher.null_cond
     student = task.build_network(cfg.networks.student_routing, cfg.networks.gradient_checkpointing)

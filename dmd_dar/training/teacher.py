@@ -5,6 +5,7 @@ The loop holds only plumbing; the objective is ``dmd_dar.diffusion.objective.den
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
-from dmd_dar.config import diff_configs, load_saved_config, save_config, to_yaml
+from dmd_dar.config import check_resume_config, save_config, to_yaml
 from dmd_dar.diffusion.objective import denoising_loss
 from dmd_dar.diffusion.timesteps import sample_timesteps
 from dmd_dar.errors import UserError
@@ -23,7 +24,7 @@ from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint
 from dmd_dar.training.ema import EMA
 from dmd_dar.training.optim import OptimConfig, build_optimizer, warmup_schedule
 from dmd_dar.training.run import RunConfig, make_accelerator
-from dmd_dar.training.seeding import seed_step
+from dmd_dar.training.seeding import derive_seed, seed_step
 
 # Keys that may change between a run and its resume (how long / how often, not what is trained).
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
@@ -45,22 +46,12 @@ class TeacherConfig:
                             f"set both to the same value")
 
 
-def _check_resume(cfg: TeacherConfig, run_dir: Path) -> None:
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        old = load_saved_config(TeacherConfig, saved)
-        changed = diff_configs(old, cfg, ignore=RESUMABLE_CHANGES)
-        if changed:
-            raise UserError(f"{run_dir}: resuming with a changed config ({', '.join(changed)}); use a new "
-                            f"run.out_dir, or run.resume=false to start over in place")
-
-
 def run(cfg: TeacherConfig) -> Path:
     run_dir = Path(cfg.run.out_dir)
     ckpt = Checkpointer(run_dir, keep=cfg.run.keep_checkpoints)
     resume_from = ckpt.latest() if cfg.run.resume else None
     if resume_from is not None:
-        _check_resume(cfg, run_dir)
+        check_resume_config(TeacherConfig, cfg, run_dir, RESUMABLE_CHANGES)
     accelerator = make_accelerator(cfg.run, "train-teacher")
     if accelerator.is_main_process:
         save_config(cfg, run_dir)
@@ -72,6 +63,7 @@ def run(cfg: TeacherConfig) -> Path:
         raise UserError(f"model.num_classes={cfg.model.num_classes} but the dataset has {len(class_names)} classes "
                         f"({', '.join(class_names)}); set model.num_classes={len(class_names)}")
     path = cfg.diffusion.make_path()
+    torch.manual_seed(derive_seed(cfg.run.seed, "init"))  # the initial weights are a function of run.seed
     model = build_model(cfg.model)
     optimizer = build_optimizer(param_groups(model, cfg.optim.lr, cfg.optim.routing_lr, cfg.optim.weight_decay),
                                 cfg.optim)
@@ -129,6 +121,9 @@ def run(cfg: TeacherConfig) -> Path:
                 logs["grad_norm"] = float(grad_norm)
             accelerator.log(logs, step=done)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if accelerator.is_main_process:
+                with open(run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps({"step": done, **logs}) + "\n")
         if cfg.run.sample_every and done % cfg.run.sample_every == 0 and accelerator.is_main_process:
             _sample_grid(ema.model, cfg, class_names, run_dir / "samples" / f"step_{done:07d}.png")
         if cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0:

@@ -1,0 +1,67 @@
+"""Config layering, validation messages and the CLI surface."""
+
+import pytest
+
+from dmd_dar.cli import COMMANDS, main, resolve
+from dmd_dar.config import build_config
+from dmd_dar.distill.config import DistillConfig
+from dmd_dar.errors import UserError
+
+
+def test_every_command_has_help(capsys):
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert cmd.name in listing
+        with pytest.raises(SystemExit) as exc:
+            main([cmd.name, "--help"])
+        assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("cmd", [c for c in COMMANDS])
+def test_every_command_resolves_its_default_config(cmd):
+    assert resolve(cmd, [], []) is not None
+
+
+def test_dry_run_prints_the_resolved_config(capsys):
+    assert main(["distill", "--dry-run", "method.ttur=3"]) == 0
+    out = capsys.readouterr().out
+    assert "ttur: 3" in out and "student_routing:" in out
+
+
+def test_unknown_key_names_it_and_lists_valid_ones(capsys):
+    assert main(["distill", "--dry-run", "method.tturr=3"]) == 2
+    err = capsys.readouterr().err
+    assert "method.tturr" in err and "did you mean 'ttur'" in err and "guidance_scale" in err
+
+
+def test_wrong_type_names_the_key(capsys):
+    assert main(["distill", "--dry-run", "method.ttur=often"]) == 2
+    assert "method.ttur" in capsys.readouterr().err
+
+
+def test_yaml_layers_apply_in_order(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("method:\n  ttur: 2\n  guidance_scale: 3.0\n")
+    b.write_text("method:\n  ttur: 7\n")
+    cfg = build_config(DistillConfig, [a, b], ["run.steps=9"])
+    assert (cfg.method.ttur, cfg.method.guidance_scale, cfg.run.steps) == (7, 3.0, 9)
+
+
+def test_bad_yaml_and_missing_file_are_user_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        build_config(DistillConfig, [bad])
+    with pytest.raises(UserError, match="not found"):
+        build_config(DistillConfig, [tmp_path / "missing.yaml"])
+
+
+def test_validation_runs_after_merging(capsys):
+    assert main(["distill", "--dry-run", "method.t_min=0.9", "method.t_max=0.1"]) == 2
+    assert "t_min" in capsys.readouterr().err
+
+
+def test_override_without_equals_is_rejected(capsys):
+    assert main(["distill", "--dry-run", "method.ttur"]) == 2
+    assert "key=value" in capsys.readouterr().err
