@@ -1,0 +1,204 @@
+"""From per-run metrics to the study's table: statistics over seeds, training health, the automatic reading.
+
+Intervals over seeds are Student-t intervals of the mean of the per-run estimates (``confidence``, n - 1 degrees of
+freedom); with a single seed the run's own bootstrap interval (over images) is shown instead and labelled so.
+The reading calls two variants different only when their intervals do not overlap, a deliberately conservative
+rule (overlapping 95 % intervals can still hide a difference at the 5 % level).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# key -> (label, better): better = "higher" | "lower" | "zero" (closer to 0 is better) | "" (no preference)
+METRICS: dict[str, tuple[str, str]] = {
+    "hf_gap_db_vs_teacher": ("HF gap vs teacher (dB)", "zero"),
+    "hf_gap_db_vs_data": ("HF gap vs data (dB)", "zero"),
+    "hf_ratio": ("hf_ratio", ""),
+    "paired_log_hf_ratio": ("paired log HF ratio vs teacher", "zero"),
+    "lpips_fidelity": ("LPIPS fidelity vs teacher", "lower"),
+    "lpips_diversity": ("LPIPS diversity", "higher"),
+    "clip_score": ("CLIP score (cos)", "higher"),
+    "fd_vs_data": ("FD vs data", "lower"),
+    "fd_vs_teacher": ("FD vs teacher", "lower"),
+    "cmmd_vs_data": ("CMMD vs data", "lower"),
+    "cmmd_vs_teacher": ("CMMD vs teacher", "lower"),
+}
+HEALTH_LOSSES = ("gen/dm_loss", "critic/fake_loss")
+
+
+def _ci(d: Any) -> dict[str, float] | None:
+    if isinstance(d, dict) and "estimate" in d and d["estimate"] is not None and math.isfinite(d["estimate"]):
+        return {"estimate": float(d["estimate"]), "low": _num(d.get("low")), "high": _num(d.get("high"))}
+    return None
+
+
+def _num(x: Any) -> float:
+    return float(x) if isinstance(x, int | float) and x is not None and math.isfinite(x) else math.nan
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def comparison(metrics: dict[str, Any], samples: str, kind: str) -> dict[str, Any]:
+    return next((c for c in metrics["comparisons"] if c["samples"] == samples and c["kind"] == kind), {})
+
+
+def hf_key(metrics: dict[str, Any]) -> str:
+    return f"hf_ratio@{metrics['protocol']['config']['hf_cutoff']:g}"
+
+
+def extract(metrics: dict[str, Any], name: str) -> dict[str, dict[str, float] | None]:
+    """Every table metric of sample set ``name`` as a CI dict (None where unavailable)."""
+    base, ref = comparison(metrics, name, "baseline"), comparison(metrics, name, "reference")
+    s = metrics["sets"].get(name, {})
+    return {
+        "hf_gap_db_vs_teacher": _ci(_get(base, "spectral", "hf_gap_db")),
+        "hf_gap_db_vs_data": _ci(_get(ref, "spectral", "hf_gap_db")),
+        "hf_ratio": _ci(_get(s, "spectral", "scalars", hf_key(metrics))),
+        "paired_log_hf_ratio": _ci(_get(base, "spectral", "paired_log_hf_ratio")),
+        "lpips_fidelity": _ci(_get(base, "lpips_fidelity", "mean")),
+        "lpips_diversity": _ci(_get(s, "lpips_diversity", "mean")),
+        "clip_score": _ci(_get(s, "clip_score", "mean_cos")),
+        "fd_vs_data": _ci(_get(ref, "fd")),
+        "fd_vs_teacher": _ci(_get(base, "fd")),
+        "cmmd_vs_data": _ci(_get(ref, "cmmd")),
+        "cmmd_vs_teacher": _ci(_get(base, "cmmd")),
+    }
+
+
+def extract_per_class(metrics: dict[str, Any], name: str) -> dict[str, dict[str, dict[str, float] | None]]:
+    """Per class: HF gap vs teacher and vs data (dB), hf_ratio."""
+    base, ref = comparison(metrics, name, "baseline"), comparison(metrics, name, "reference")
+    per_ratio = _get(metrics["sets"].get(name, {}), "spectral", "per_group", hf_key(metrics)) or {}
+    gaps_t = _get(base, "spectral", "per_group_hf_gap_db") or {}
+    gaps_d = _get(ref, "spectral", "per_group_hf_gap_db") or {}
+    out: dict[str, dict[str, dict[str, float] | None]] = {}
+    for g in dict.fromkeys([*per_ratio, *gaps_t, *gaps_d]):
+        out[g] = {"hf_gap_db_vs_teacher": _ci(gaps_t.get(g)), "hf_gap_db_vs_data": _ci(gaps_d.get(g)),
+                  "hf_ratio": _ci(per_ratio.get(g))}
+    return out
+
+
+def over_seeds(cis: list[dict[str, float] | None], confidence: float) -> dict[str, Any] | None:
+    """Mean and interval of per-seed estimates (Student t); one seed: that run's bootstrap interval."""
+    vals = [c for c in cis if c is not None]
+    if not vals:
+        return None
+    est = np.array([c["estimate"] for c in vals], dtype=np.float64)
+    n = len(est)
+    if n == 1:
+        return {"estimate": float(est[0]), "low": vals[0]["low"], "high": vals[0]["high"], "n": 1,
+                "per_seed": est.tolist(), "method": "bootstrap over images (one seed)"}
+    from scipy import stats
+
+    sd = float(est.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    m = float(est.mean())
+    return {"estimate": m, "low": m - half, "high": m + half, "half_width": half, "std": sd, "n": n,
+            "per_seed": est.tolist(), "method": f"Student t over {n} seeds"}
+
+
+def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if any(not math.isfinite(x) for x in (a["low"], a["high"], b["low"], b["high"])):
+        return True  # no usable interval: no claim of a difference
+    return not (a["high"] < b["low"] or b["high"] < a["low"])
+
+
+# ----------------------------------------------------------------------------------------------- health
+
+
+def read_health(run_dir: Path, keys: list[str], blowup_factor: float) -> dict[str, Any]:
+    """Health curves of one distill run and its flags: stopped, non-finite steps, loss blow-up."""
+    curves: dict[str, list[list[float]]] = {k: [] for k in keys}
+    nonfinite = False
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for k in keys:
+                v = rec.get(k)
+                if isinstance(v, int | float):
+                    curves[k].append([rec["step"], float(v)])
+                    nonfinite |= not math.isfinite(float(v))
+    failed = run_dir / "failed.json"
+    summary: dict[str, Any] = {}
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    bad = int(summary.get("bad_steps_total", 0) or 0)
+    blown = []
+    for k in HEALTH_LOSSES:
+        ys = [y for _, y in curves.get(k, []) if math.isfinite(y)]
+        if len(ys) >= 4:
+            w = max(1, len(ys) // 10)
+            head, tail = float(np.median(np.abs(ys[:w]))), float(np.mean(np.abs(ys[-w:])))
+            if head > 0 and tail > blowup_factor * head:
+                blown.append(k)
+    stopped = failed.is_file()
+    final = {k: (v[-1][1] if v else None) for k, v in curves.items()}
+    return {"curves": curves, "stopped": stopped, "stop_reason": json.loads(failed.read_text())["error"]
+            if stopped else None, "bad_steps_total": bad, "nonfinite_logged": nonfinite, "blowup": blown,
+            "diverged": stopped or bad > 0 or nonfinite or bool(blown), "final": final}
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else "n/a"
+
+
+def _better(key: str, a: float, b: float) -> bool | None:
+    rule = METRICS[key][1]
+    if rule == "higher":
+        return a > b
+    if rule == "lower":
+        return a < b
+    if rule == "zero":
+        return abs(a) < abs(b)
+    return None
+
+
+def compare_cells(key: str, a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> dict[str, Any]:
+    """One metric of variant ``a`` against the baseline ``b`` with the overlap rule."""
+    label = METRICS[key][0]
+    nums = f"{_fmt(a['estimate'])} [{_fmt(a['low'])}, {_fmt(a['high'])}] vs {_fmt(b['estimate'])} " \
+           f"[{_fmt(b['low'])}, {_fmt(b['high'])}]"
+    if overlap(a, b):
+        return {"metric": key, "significant": False, "better": None,
+                "text": f"{label}: no significant difference ({nums}; intervals overlap)"}
+    better = _better(key, a["estimate"], b["estimate"])
+    if key.startswith("hf_gap") or key == "paired_log_hf_ratio":
+        more = a["estimate"] > b["estimate"]
+        how = f"{name_a} keeps {'more' if more else 'less'} high-frequency energy than {name_b}"
+        if better is not None:
+            how += f" ({'closer to' if better else 'further from'} its reference)"
+    elif better is None:
+        how = f"{name_a} is {'higher' if a['estimate'] > b['estimate'] else 'lower'} than {name_b}"
+    else:
+        how = f"{name_a} is {'better' if better else 'worse'} than {name_b}"
+    return {"metric": key, "significant": True, "better": better, "text": f"{label}: {how} ({nums})"}
+
+
+def claim_verdict(cmps: list[dict[str, Any]]) -> str:
+    """The paper's claim (DAR preserves high-frequency detail) judged on the HF gap vs teacher."""
+    c = next((x for x in cmps if x["metric"] == "hf_gap_db_vs_teacher"), None)
+    if c is None:
+        return "no HF gap vs teacher available"
+    if not c["significant"]:
+        return "not supported at this scale (no significant difference in HF gap vs teacher)"
+    return "supported (HF gap vs teacher significantly closer to 0)" if c["better"] else \
+        "contradicted (HF gap vs teacher significantly further from 0)"

@@ -1,0 +1,173 @@
+"""The detail part of a study: distill every (variant, student steps, seed), sample it, evaluate it.
+
+Each unit is resumable on its own:
+
+- a distill run is *done* when ``summary.json`` and ``export/`` exist for the configured step count (or when it
+  stopped on non-finite losses: ``failed.json``); otherwise ``dmd_dar.distill.trainer.run`` resumes it from its
+  latest checkpoint. A finished run whose saved config differs from the one the suite now resolves to (e.g. the
+  base config's learning rates were retuned) is an error, so one table never mixes two recipes;
+- sample folders are made by the evaluation suite machinery (``prepare_suite``), which skips complete folders;
+- a run's evaluation is skipped when its ``eval_stamp.json`` (sample stamps + eval settings) is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from dmd_dar.config import build_config, diff_configs, load_saved_config, to_dict
+from dmd_dar.errors import UserError
+from dmd_dar.study.config import StudySuite, Variant, resolve_path
+from dmd_dar.utils.io import atomic_write_json, atomic_write_text
+
+EVAL_STAMP = "eval_stamp.json"
+FAILED = "failed.json"
+
+
+@dataclass
+class DistillRun:
+    variant: Variant
+    student_steps: int
+    seed: int
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        """Sample-set name of this run (unique within a study)."""
+        return f"{self.variant.name}-{self.student_steps}step-seed{self.seed}"
+
+
+def plan_runs(suite: StudySuite, study_dir: Path) -> list[DistillRun]:
+    """Every distill run of the suite, ordered so that a partial study already covers every variant."""
+    d = suite.distill
+    return [DistillRun(v, k, s, study_dir / "distill" / v.name / f"{k}step" / f"seed{s}")
+            for k in d.student_steps for s in d.seeds for v in d.variants]
+
+
+def distill_config(suite: StudySuite, suite_file: Path, run: DistillRun, device: str, progress: bool):
+    """The resolved DistillConfig of one run: base layers <- study overrides <- variant <- run plumbing."""
+    from dmd_dar.distill.config import DistillConfig
+
+    d = suite.distill
+    layers = [resolve_path(p, suite_file) for p in d.config]
+    plumbing = [f"method.student_steps={run.student_steps}", f"run.seed={run.seed}", f"run.out_dir={run.run_dir}",
+                "run.log_with=none", f"run.log_every={d.log_every}", "run.sample_every=0",
+                f"run.ckpt_every={d.ckpt_every}", f"run.progress={str(progress).lower()}", "run.resume=true",
+                "debug_grid_every=0"]
+    if d.steps is not None:
+        plumbing.append(f"run.steps={d.steps}")
+    if device == "cpu":
+        plumbing.append("run.cpu=true")
+    try:
+        return build_config(DistillConfig, layers, [*d.overrides, *run.variant.overrides, *plumbing])
+    except UserError as exc:
+        raise UserError(f"study variant '{run.variant.name}': {exc}") from None
+
+
+def check_saved_config(schema, cfg, run_dir: Path, ignore: tuple[str, ...]) -> None:
+    """A finished run must have been made with the config the suite resolves to now."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    changed = diff_configs(load_saved_config(schema, saved), cfg, ignore=ignore)
+    if changed:
+        raise UserError(f"{run_dir}: finished with another config ({', '.join(changed[:6])}"
+                        f"{', ...' if len(changed) > 6 else ''}); a study compares one recipe, so use a new "
+                        "out_dir (or delete that run) to rerun it with the current config")
+
+
+def distill_state(run: DistillRun, cfg) -> str:
+    """'done', 'failed' (stopped on non-finite losses) or 'todo' (missing or resumable)."""
+    from dmd_dar.distill.config import DistillConfig
+    from dmd_dar.distill.trainer import RESUMABLE_CHANGES
+
+    summary, export, failed = run.run_dir / "summary.json", run.run_dir / "export" / "dmd_dar.json", run.run_dir / FAILED
+    if failed.is_file():
+        check_saved_config(DistillConfig, cfg, run.run_dir, RESUMABLE_CHANGES)
+        return "failed"
+    if summary.is_file() and export.is_file():
+        check_saved_config(DistillConfig, cfg, run.run_dir, RESUMABLE_CHANGES)
+        try:
+            steps = json.loads(summary.read_text())["steps"]
+        except (json.JSONDecodeError, KeyError):
+            return "todo"
+        return "done" if steps == cfg.run.steps else "todo"
+    return "todo"
+
+
+def distill(run: DistillRun, cfg) -> str:
+    """Train (or resume) one run; non-finite losses that stop the trainer are recorded, not raised."""
+    from dmd_dar.distill.trainer import run as train
+
+    try:
+        train(cfg)
+    except FloatingPointError as exc:
+        atomic_write_json({"error": str(exc), "kind": "non-finite losses"}, run.run_dir / FAILED)
+        print(f"study: {run.name} stopped: {exc}")
+        return "failed"
+    return "done"
+
+
+def teacher_folder(cfg) -> Path:
+    from dmd_dar.sampling import resolve_checkpoint
+
+    return resolve_checkpoint(str(cfg.networks.teacher)).resolve()
+
+
+def write_eval_suite(suite: StudySuite, suite_file: Path, study_dir: Path, teacher: Path,
+                     models: list[tuple[str, Path]], device: str, name: str) -> Path:
+    """An evaluation-suite YAML (``dmd_dar.evaluation.suite``): the base suite + study overrides + these models."""
+    base_file = resolve_path(suite.eval.suite, suite_file)
+    if not base_file.is_file():
+        raise UserError(f"{suite_file}: eval.suite={suite.eval.suite} not found; point it at an evaluation suite "
+                        "such as eval/suites/embedded.yaml")
+    conf = OmegaConf.merge(OmegaConf.load(base_file), OmegaConf.create(dict(suite.eval.overrides)))
+    t = suite.eval.teacher
+    conf.name = suite.name
+    conf.out_dir = str((study_dir / "eval").resolve())
+    conf.device = device
+    conf.models = [{"name": t.name, "checkpoint": str(teacher), "steps": t.steps, "sampler": t.sampler,
+                    "cfg_scale": t.cfg_scale},
+                   *({"name": n, "checkpoint": str(p.resolve())} for n, p in models)]
+    path = study_dir / "eval" / "suites" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(OmegaConf.to_yaml(conf), path)
+    return path
+
+
+def _stamp_of(proto: dict[str, Any], cfg) -> dict[str, Any]:
+    models = [{k: v for k, v in m.items() if k != "generated"} for m in proto["suite"]["models"]]
+    ref = proto["suite"].get("reference") or {}
+    settings = to_dict(cfg)
+    for key in ("out_dir", "suite", "report", "device", "batch_size"):
+        settings.pop(key, None)
+    return {"models": models, "reference": {k: v for k, v in ref.items() if k != "generated"}, "eval": settings}
+
+
+def sample_and_evaluate(suite: StudySuite, suite_file: Path, study_dir: Path, teacher: Path, run: DistillRun,
+                        device: str) -> Path:
+    """Sample the run's student (and, once, the teacher and the reference), then evaluate it against both."""
+    from dmd_dar.evaluation import EvalConfig, evaluate
+    from dmd_dar.evaluation.suite import prepare_suite
+
+    file = write_eval_suite(suite, suite_file, study_dir, teacher, [(run.name, run.run_dir / "export")], device,
+                            run.name)
+    cfg, proto = prepare_suite(EvalConfig(suite=str(file), device=device, report=False))
+    out = study_dir / "eval" / "runs" / run.name
+    cfg = dataclasses.replace(cfg, baseline=suite.eval.teacher.name, out_dir=str(out), report=False)
+    stamp = json.loads(json.dumps(_stamp_of(proto, cfg)))
+    metrics_file = out / "metrics.json"
+    try:
+        if metrics_file.is_file() and json.loads((out / EVAL_STAMP).read_text()) == stamp:
+            return metrics_file
+    except (OSError, json.JSONDecodeError):
+        pass
+    metrics = evaluate(cfg, proto)
+    atomic_write_json(metrics, metrics_file)
+    atomic_write_json(stamp, out / EVAL_STAMP)
+    return metrics_file

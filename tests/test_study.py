@@ -1,0 +1,213 @@
+"""dmd-dar study on a tiny teacher: the whole pipeline writes its table/report/results.md; a rerun skips every
+finished unit; a run with a checkpoint resumes; a retuned base config is refused; the seed statistics."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
+from dmd_dar.cli import main
+from dmd_dar.data.procedural import CLASS_NAMES
+from dmd_dar.models import build_model, preset_config
+from dmd_dar.study import StudyConfig, estimate_seconds, load_study
+from dmd_dar.study import aggregate as A
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16,
+                                             "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}
+
+DISTILL = """
+networks: {{teacher: {teacher}, student_routing: {{kind: dar, query: static_t}}, fake_routing: {{kind: residual}}}}
+method: {{ttur: 2, student_steps: 1}}
+data: {{image_size: 16}}
+run: {{batch_size: 2, steps: 50}}
+"""
+TEACHER = """
+model: {image_size: 16, in_channels: 3, patch_size: 4, hidden_size: 32, depth: 2, num_heads: 2, num_classes: 8}
+diffusion: {sample_steps: 2}
+data: {image_size: 16}
+optim: {lr: 1.0e-3, warmup_steps: 1}
+run: {batch_size: 2, steps: 6000}
+"""
+EVAL = """
+name: tiny
+models: []
+num_per_class: 2
+seed: 0
+batch_size: 16
+reference: {{kind: procedural, split: heldout, num_per_class: 2}}
+metrics: [spectral, lpips_fidelity, lpips_diversity, clip_score, fd, cmmd]
+eval:
+  bootstrap: 20
+  bootstrap_fd: 3
+  lpips: {{random_backbone: true}}
+  clip: {{model_config: {clip}, random_init: true, pre_resize: null, prefix: "", text_source: class,
+          class_template: "a photo of {{phrase}}"}}
+"""
+STUDY = """
+name: tiny_study
+description: tiny end-to-end study
+out_dir: {out}
+distill:
+  config: [{distill}]
+  steps: 2
+  log_every: 1
+  ckpt_every: 2
+  student_steps: [1]
+  seeds: [0]
+  baseline: residual
+  variants:
+    - {{name: residual, overrides: [networks.student_routing.kind=residual]}}
+    - {{name: dar_static_t, label: DAR static_t, overrides: [networks.student_routing.query=static_t]}}
+eval:
+  suite: {eval}
+  overrides: {{num_per_class: 2}}
+  teacher: {{name: teacher_2step, steps: 2}}
+  grid_per_class: 2
+pretraining:
+  enabled: true
+  config: [{teacher}]
+  seeds: [0]
+  steps: 2
+  eval_at: [1, 2]
+  ckpt_every: 1
+  log_every: 1
+  fd_num_per_class: 2
+  fd_sample_steps: 2
+  bootstrap_fd: 3
+  baseline: residual
+  variants:
+    - {{name: residual, overrides: []}}
+    - {{name: dar_static_t_c4, overrides: [model.routing.kind=dar, model.routing.query=static_t,
+                                           model.routing.chunk_size=4]}}
+quick:
+  distill: {{steps: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", num_classes=8))
+    with torch.no_grad():  # non-trivial outputs (adaLN-Zero and the head start at zero)
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    teacher = save_artifact(root / "teacher", model.eval(), ArtifactMeta(
+        role="teacher", diffusion=DiffusionConfig(sample_steps=2), class_names=list(CLASS_NAMES)))
+    (root / "clip.json").write_text(json.dumps({"model_cfg": TINY_CLIP}))
+    (root / "distill.yaml").write_text(DISTILL.format(teacher=teacher))
+    (root / "teacher.yaml").write_text(TEACHER)
+    (root / "eval.yaml").write_text(EVAL.format(clip=root / "clip.json"))
+    (root / "study.yaml").write_text(STUDY.format(out=root / "out", distill=root / "distill.yaml",
+                                                  eval=root / "eval.yaml", teacher=root / "teacher.yaml"))
+    assert main(["study", f"suite={root / 'study.yaml'}", "progress=false"]) == 0
+    return root
+
+
+def test_study_writes_table_report_and_results(study):
+    out = study / "out"
+    res = json.loads((out / "results.json").read_text())
+    rows = res["detail"]["rows"]
+    assert [(r["variant"], r["student_steps"], r["evaluated"]) for r in rows] == [
+        ("residual", 1, [0]), ("dar_static_t", 1, [0])]
+    m = rows[1]["metrics"]
+    assert m["hf_gap_db_vs_teacher"]["n"] == 1 and "bootstrap" in m["hf_gap_db_vs_teacher"]["method"]
+    for key in ("hf_gap_db_vs_data", "hf_ratio", "clip_score", "fd_vs_data", "cmmd_vs_teacher"):
+        assert m[key] is not None and math.isfinite(m[key]["estimate"]), key
+    assert m["lpips_fidelity"] is None and m["lpips_diversity"] is None  # 16x16: recorded unavailable, no crash
+    per_class = res["detail"]["per_class"][0]["classes"]
+    assert set(per_class) == set(CLASS_NAMES) and per_class["stripes_high"]["hf_ratio"] is not None
+    # the variants really differ in routing, and the health curves were read
+    cfg = (out / "distill" / "dar_static_t" / "1step" / "seed0" / "config.yaml").read_text()
+    assert "kind: dar" in cfg and "steps: 2" in cfg
+    assert res["detail"]["health"]["residual-1step-seed0"]["diverged"] is False
+    assert "1" in res["detail"]["reading"]["by_steps"]
+    md = (out / "results.md").read_text()
+    assert f"suite={study / 'study.yaml'}" in md and "| DAR static_t | 1 | 1/1 |" in md and "claim" in md
+    html = (out / "report.html").read_text()
+    assert "Training health" in html and "Per class" in html and "data:image/png;base64" in html
+    assert (out / "plots" / "spectra_1step.png").is_file() and (out / "plots" / "health_1step.png").is_file()
+    fd = json.loads((out / "fd_vs_iterations.json").read_text())
+    assert fd["steps"] == [1, 2] and set(fd["curves"]) == {"residual", "dar_static_t_c4"}
+    assert all(fd["curves"]["dar_static_t_c4"]["fd"][s] is not None for s in ("1", "2"))
+    assert (out / "fd_vs_iterations.png").is_file() and "FD vs iterations" in md
+    pre_cfg = (out / "pretraining" / "dar_static_t_c4" / "seed0" / "config.yaml").read_text()
+    assert "chunk_size: 4" in pre_cfg
+
+
+def test_rerun_skips_everything_and_a_checkpointed_run_resumes(study, monkeypatch, capsys):
+    import dmd_dar.distill.trainer as trainer
+    import dmd_dar.evaluation as evaluation
+    import dmd_dar.sampling as sampling
+    import dmd_dar.training.teacher as teacher
+
+    out = study / "out"
+    before = json.loads((out / "results.json").read_text())
+
+    def forbidden(*a, **k):
+        raise AssertionError("a finished unit was run again")
+
+    real_distill = trainer.run
+    for mod, name in ((trainer, "run"), (teacher, "run"), (evaluation, "evaluate"), (sampling, "sample_folder")):
+        monkeypatch.setattr(mod, name, forbidden)
+    assert main(["study", f"suite={study / 'study.yaml'}", "progress=false"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["detail"]["rows"] == before["detail"]["rows"]
+    assert after["pretraining"]["curves"] == before["pretraining"]["curves"]
+
+    # One more distill step: every run resumes from its step-2 checkpoint (then is re-sampled and re-evaluated).
+    monkeypatch.undo()
+    assert trainer.run is real_distill
+    capsys.readouterr()
+    assert main(["study", f"suite={study / 'study.yaml'}", "progress=false", "pretraining=false",
+                 f"out_dir={out}", "set=[distill.steps=3]"]) == 0
+    log = capsys.readouterr().out
+    assert "resumed from" in log and "at step 2" in log
+    run_dir = out / "distill" / "dar_static_t" / "1step" / "seed0"
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_retuned_base_config_is_refused(study, capsys):
+    text = (study / "distill.yaml").read_text()
+    changed = study / "distill_retuned.yaml"
+    changed.write_text(text.replace("ttur: 2", "ttur: 3"))
+    suite = (study / "study.yaml").read_text().replace(str(study / "distill.yaml"), str(changed))
+    (study / "study_retuned.yaml").write_text(suite)
+    assert main(["study", f"suite={study / 'study_retuned.yaml'}", "progress=false", "pretraining=false"]) == 2
+    err = capsys.readouterr().err
+    assert "method.ttur" in err and "another config" in err
+
+
+def test_seed_interval_is_student_t_and_overlap_rule():
+    cis = [{"estimate": v, "low": v - 1, "high": v + 1} for v in (1.0, 2.0, 3.0)]
+    agg = A.over_seeds(cis, 0.95)
+    # mean 2, sd 1, n 3: half-width = t_{0.975, 2} / sqrt(3) = 4.3027 / 1.7321
+    assert agg["estimate"] == 2.0 and np.isclose(agg["half_width"], 4.302653 / np.sqrt(3), atol=1e-5)
+    assert A.over_seeds([None, None], 0.95) is None
+    far = {"estimate": 10.0, "low": 9.0, "high": 11.0}
+    c = A.compare_cells("fd_vs_data", agg, far, "DAR", "residual")
+    assert c["significant"] and c["better"] and "DAR is better" in c["text"]
+    near = {"estimate": 2.5, "low": 1.0, "high": 4.0}
+    assert "no significant difference" in A.compare_cells("hf_gap_db_vs_teacher", agg, near, "a", "b")["text"]
+    assert A.claim_verdict([A.compare_cells("hf_gap_db_vs_teacher", {"estimate": -0.5, "low": -0.7, "high": -0.3},
+                                            {"estimate": -3.0, "low": -3.5, "high": -2.5}, "a", "b")]).startswith(
+        "supported")
+
+
+def test_embedded_suite_budgets_and_quick_block():
+    suite_file = REPO / "eval" / "study" / "embedded.yaml"
+    full, quick = load_study(suite_file), load_study(suite_file, quick=True)
+    assert len(full.distill.variants) == 4 and full.distill.student_steps == [1, 4] and len(full.distill.seeds) == 3
+    assert len(full.pretraining.seeds) == 3 and len(full.pretraining.variants) == 3
+    assert quick.distill.student_steps == [1] and quick.distill.seeds == [0]
+    assert estimate_seconds(full, True, True)["total"] <= 2 * 3600
+    assert estimate_seconds(quick, True, quick.pretraining.enabled)["total"] <= 20 * 60
+    assert StudyConfig().suite == "eval/study/embedded.yaml"
