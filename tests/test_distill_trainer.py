@@ -37,7 +37,7 @@ def tiny_teacher(tmp_path_factory) -> Path:
 def _overrides(teacher: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [f"networks.teacher={teacher}", f"run.out_dir={out}", f"run.steps={steps}", "data.image_size=16",
             "run.batch_size=4", "run.log_every=1", "run.sample_every=0", "run.ckpt_every=2", "run.progress=false",
-            "run.log_with=none", "debug_grid_every=0", "method.ttur=2", *extra]
+            "run.log_with=none", "debug_grid_every=0", "method.ttur=2", "method.regression_weight=0", *extra]
 
 
 def _read_logs(run_dir: Path) -> dict[int, dict]:
@@ -120,6 +120,18 @@ def test_student_export_is_sampled_by_the_sample_command(tiny_teacher, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "s" / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 16 and (tmp_path / "s" / "grid.png").is_file()
     assert json.loads((out / "export" / "dmd_dar.json").read_text())["student_timesteps"] == [1.0, 0.5]
+
+
+def test_regression_pairs_are_cached_and_shared(tiny_teacher, tmp_path):
+    cache = tmp_path / "pairs"
+    extra = ("method.regression_weight=0.5", "method.regression_pairs=8", "method.regression_steps=2",
+             f"method.regression_cache={cache}")
+    assert main(["distill", *_overrides(tiny_teacher, tmp_path / "a", 2, *extra)]) == 0
+    (pairs,) = cache.glob("regression_pairs_*_n8_s2.safetensors")
+    stamp = pairs.stat().st_mtime_ns
+    assert main(["distill", *_overrides(tiny_teacher, tmp_path / "b", 2, *extra)]) == 0
+    assert pairs.stat().st_mtime_ns == stamp  # the second run reused the first run's teacher ODE pairs
+    assert "gen/regression_loss" in _read_logs(tmp_path / "b")[1]
 
 
 @pytest.mark.slow

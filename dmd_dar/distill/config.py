@@ -24,7 +24,7 @@ class MethodConfig:
     t_max: float = 0.98
     fake_t_min: float = 0.0  # fake-score denoising timesteps (the full range)
     fake_t_max: float = 1.0
-    ttur: int = 5  # fake-score updates per generator update
+    ttur: int = 3  # fake-score updates per generator update (official DMD2: 5 or 10, at far smaller learning rates)
     student_steps: int = 1  # 1 = one-step generator; 2, 4 ... = few-step with the schedule below
     backward_simulation: bool = True  # few-step: feed the student its own earlier outputs (DMD2 SDXL)
     dm_weight: float = 1.0
@@ -32,10 +32,12 @@ class MethodConfig:
     gan_disc_weight: float = 1e-2  # discriminator loss weight inside the critic loss
     gan_feature: str = "final"  # fake-score tokens fed to the GAN head: final (head input) | mid (middle sublayer)
     gan_max_t: float = 1.0  # diffusion-GAN: real and fake images noised with t ~ U[0, gan_max_t]
-    regression_weight: float = 0.0  # DMD1 regression onto teacher ODE pairs; 0 disables
+    regression_weight: float = 0.5  # DMD1 regression onto teacher ODE pairs; 0 disables (pure DMD2)
     regression_loss: str = "mse"  # mse | lpips
-    regression_pairs: int = 256  # number of cached (noise, label, teacher sample) pairs
-    regression_steps: int = 50  # teacher ODE steps for the pairs
+    regression_pairs: int = 128  # number of cached (noise, label, teacher sample) pairs
+    regression_steps: int = 25  # teacher ODE steps for the pairs
+    regression_cache: str | None = None  # folder for the cached pairs (default: the run directory); runs that share
+    #                                      a teacher may share it
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
@@ -56,7 +58,8 @@ class NetworksConfig:
 
     teacher_kind: str = "native"  # native: an exported dmd-dar teacher | diffusers: a diffusers T2I pipeline
     teacher: str = "assets/teacher"  # exported teacher folder (the embedded teacher by default)
-    student_routing: RoutingConfig = field(default_factory=lambda: RoutingConfig(kind="dar", query="static_t"))
+    student_routing: RoutingConfig = field(
+        default_factory=lambda: RoutingConfig(kind="dar", query="static_t", chunk_size=4))  # the paper's default
     fake_routing: RoutingConfig = field(default_factory=RoutingConfig)  # residual: a plain copy of the teacher
     gradient_checkpointing: bool = False
 
@@ -107,11 +110,11 @@ class DistillConfig:
     networks: NetworksConfig = field(default_factory=NetworksConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)  # real images: GAN and no-backsim few-step inputs
-    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=20, grad_clip=10.0))
-    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=20, grad_clip=10.0))
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill", steps=1000, batch_size=32,
-                                                            sample_every=200, ckpt_every=200))
+    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
+    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill", steps=1200, batch_size=16,
+                                                            sample_every=300, ckpt_every=300))
     ema_decay: float = 0.99
-    debug_grid_every: int = 200  # dump generator / real-score / fake-score x0 grids; 0 disables
+    debug_grid_every: int = 300  # dump generator / real-score / fake-score x0 grids; 0 disables
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     t2i: T2IConfig = field(default_factory=T2IConfig)  # networks.teacher_kind=diffusers only

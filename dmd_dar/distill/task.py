@@ -154,14 +154,17 @@ class NativeTask(DistillTask):
         atomic_save_safetensors(ref, path)
         return ref
 
-    def regression_pairs(self, run_dir: Path, n: int, steps: int):
-        """DMD1 regression pairs (noise, label, teacher ODE sample), generated once and cached to disk."""
+    def regression_pairs(self, cache_dir: Path, n: int, steps: int):
+        """DMD1 regression pairs (noise, label, teacher ODE sample), generated once and cached in ``cache_dir``."""
         from tqdm.auto import tqdm
 
         from dmd_dar.distill.method import RegressionPairs
         from dmd_dar.sampling import generate, make_noise
+        from dmd_dar.utils.io import file_digest
 
-        path = run_dir / "regression_pairs.safetensors"
+        # The file name says what the pairs are, so a shared cache never hands out pairs of another teacher.
+        tag = f"{file_digest(self.folder / 'model.safetensors')[:12]}_n{n}_s{steps}"
+        path = Path(cache_dir) / f"regression_pairs_{tag}.safetensors"
         if not path.is_file():
             labels = torch.arange(n) % max(self.num_classes, 1)
             seeds = [derive_seed("regression", i) for i in range(n)]

@@ -99,7 +99,8 @@ def run(cfg: DistillConfig) -> Path:
     gan_head = prepared[4] if gan_head is not None else None
     ema.model.to(device)
     unwrap = accelerator.unwrap_model
-    regression = (task.regression_pairs(run_dir, cfg.method.regression_pairs, cfg.method.regression_steps)
+    regression = (task.regression_pairs(Path(cfg.method.regression_cache or run_dir), cfg.method.regression_pairs,
+                                        cfg.method.regression_steps)
                   if cfg.method.regression_weight > 0 else None)
     method = DMD2(cfg.method, Denoiser(student, path, null), Denoiser(fake, path, null), task.teacher,
                   task.student_times, shift=task.shift, gan_head=gan_head, regression=regression,

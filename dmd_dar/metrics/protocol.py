@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import lru_cache
 from importlib import metadata
 from typing import Any
+
+from dmd_dar.utils.io import file_digest
 
 _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "open_clip_torch", "lpips", "safetensors", "pillow")
 
@@ -25,11 +26,7 @@ def package_versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str | N
 @lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     # size and mtime are part of the cache key so an edited file is hashed again.
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path)
 
 
 def file_fingerprint(path: str | os.PathLike, prefix: int = 16) -> dict[str, Any]:
