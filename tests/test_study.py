@@ -23,7 +23,7 @@ TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "wid
 
 DISTILL = """
 networks: {{teacher: {teacher}, student_routing: {{kind: dar, query: static_t}}, fake_routing: {{kind: residual}}}}
-method: {{ttur: 2, student_steps: 1}}
+method: {{ttur: 2, student_steps: 1, regression_weight: 0.5, regression_pairs: 4, regression_steps: 2}}
 data: {{image_size: 16}}
 run: {{batch_size: 2, steps: 50}}
 """
@@ -63,7 +63,8 @@ distill:
   baseline: residual
   variants:
     - {{name: residual, overrides: [networks.student_routing.kind=residual]}}
-    - {{name: dar_static_t, label: DAR static_t, overrides: [networks.student_routing.query=static_t]}}
+    - {{name: dar_static_t, label: DAR static_t, overrides: [networks.student_routing.query=static_t,
+        'networks.fake_routing.chunk_size=\\${{networks.student_routing.chunk_size}}']}}
 eval:
   suite: {eval}
   overrides: {{num_per_class: 2}}
@@ -126,10 +127,13 @@ def test_study_writes_table_report_and_results(study):
     # the variants really differ in routing, and the health curves were read
     cfg = (out / "distill" / "dar_static_t" / "1step" / "seed0" / "config.yaml").read_text()
     assert "kind: dar" in cfg and "steps: 2" in cfg
+    assert res["detail"]["recipes"]["dar_static_t"]["1"]["fake_routing"]["chunk_size"] == 4  # escaped interpolation
     assert res["detail"]["health"]["residual-1step-seed0"]["diverged"] is False
+    assert len(list((out / "distill" / "regression_cache").glob("regression_pairs_*"))) == 1  # shared by the runs
+    assert res["detail"]["recipes"]["dar_static_t"]["1"]["student_routing"]["kind"] == "dar"
     assert "1" in res["detail"]["reading"]["by_steps"]
     md = (out / "results.md").read_text()
-    assert f"suite={study / 'study.yaml'}" in md and "| DAR static_t | 1 | 1/1 |" in md and "claim" in md
+    assert f"suite={study / 'study.yaml'}" in md and "student DAR static_t c4, fake score residual" in md and "| DAR static_t | 1 | 1/1 |" in md and "claim" in md
     html = (out / "report.html").read_text()
     assert "Training health" in html and "Per class" in html and "data:image/png;base64" in html
     assert (out / "plots" / "spectra_1step.png").is_file() and (out / "plots" / "health_1step.png").is_file()
@@ -167,6 +171,7 @@ def test_rerun_skips_everything_and_a_checkpointed_run_resumes(study, monkeypatc
     capsys.readouterr()
     assert main(["study", f"suite={study / 'study.yaml'}", "progress=false", "pretraining=false",
                  f"out_dir={out}", "set=[distill.steps=3]"]) == 0
+    assert "'set=[distill.steps=3]'" in (out / "results.md").read_text()  # the exact command, shell-quoted
     log = capsys.readouterr().out
     assert "resumed from" in log and "at step 2" in log
     run_dir = out / "distill" / "dar_static_t" / "1step" / "seed0"

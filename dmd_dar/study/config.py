@@ -35,7 +35,8 @@ class StudyConfig:
     detail:       run the distillation detail study (distill, sample, evaluate).
     pretraining:  run the teacher-pretraining FD-vs-iterations part; null = the suite's ``pretraining.enabled``.
     out_dir:      default: the suite's ``out_dir`` (``+ "_quick"`` with quick=true).
-    set:          dotlist overrides of the suite itself, e.g. ``set=[distill.steps=200,distill.seeds=[0]]``.
+    set:          dotlist overrides of the suite itself, e.g. ``set=[distill.steps=200,"distill.seeds=[0,1]"]``
+                  (quote an item whose value is a list).
     plan:         print the runs and the time estimate, then exit without running anything.
     """
 
@@ -122,8 +123,8 @@ class Budget:
     Iteration rates are for the batch sizes below and scale linearly with the base configs' ``run.batch_size``.
     """
 
-    distill_iter: dict[int, float] = field(default_factory=lambda: {1: 0.65, 4: 1.3})  # per student_steps
-    distill_batch: int = 32
+    distill_iter: dict[int, float] = field(default_factory=lambda: {1: 0.75, 4: 1.0})  # per student_steps
+    distill_batch: int = 16
     distill_run_overhead: float = 25.0  # imports, model building, teacher drift reference, export + grid
     teacher_image_step: float = 0.003  # one teacher forward per image per ODE step (CFG doubles it)
     eval_run: float = 20.0  # sampling one student + its evaluation (spectral, CLIP, FD, CMMD, bootstraps)
@@ -187,27 +188,32 @@ def _validate(suite: StudySuite, source: str) -> StudySuite:
 
 
 def load_study(path: str | Path, quick: bool = False, overrides: list[str] = ()) -> StudySuite:
-    """The validated suite, with its ``quick:`` block merged when ``quick`` and the dotlist ``overrides`` last."""
-    from dmd_dar.config import build_config
+    """The validated suite, with its ``quick:`` block merged when ``quick`` and the dotlist ``overrides`` last.
+
+    Merging happens on the YAML nodes, so escaped interpolations (``\\${...}`` in variant overrides, resolved later
+    against the run's own config) stay escaped until the suite object is built.
+    """
+    from dmd_dar.config import load_yaml
 
     path = resolve_path(path)
     if not path.is_file():
         raise UserError(f"study suite {path} not found; pass suite=eval/study/embedded.yaml or another protocol YAML")
-    suite = build_config(StudySuite, [path])
-    if quick or overrides:
-        conf = OmegaConf.structured(suite)
-        try:
-            if quick:
-                if not suite.quick:
-                    raise UserError(f"{path}: quick=true but the suite has no 'quick:' block")
-                conf = OmegaConf.merge(conf, OmegaConf.create(suite.quick))
-            for item in overrides:
-                if "=" not in item:
-                    raise UserError(f"set: '{item}' is not of the form key=value (e.g. distill.steps=200)")
-            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
-            suite = OmegaConf.to_object(conf)
-        except OmegaConfBaseException as exc:
-            where = "its 'quick:' block" if quick else "set=[...]"
-            key = getattr(exc, "full_key", "") or ""
-            raise UserError(f"{path}: bad study setting '{key}' in {where}: {str(exc).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"set: '{item}' is not of the form key=value (e.g. distill.steps=200)")
+    raw = load_yaml(path)
+    where = "the file"
+    try:
+        conf = OmegaConf.merge(OmegaConf.structured(StudySuite), raw)
+        if quick:
+            where = "its 'quick:' block"
+            if not raw.get("quick"):
+                raise UserError(f"{path}: quick=true but the suite has no 'quick:' block")
+            conf = OmegaConf.merge(conf, raw.quick)
+        where = "set=[...]"
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+        suite = OmegaConf.to_object(conf)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise UserError(f"{path}: bad study setting '{key}' in {where}: {str(exc).splitlines()[0]}") from None
     return _validate(suite, str(path))

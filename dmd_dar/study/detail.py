@@ -50,7 +50,11 @@ def plan_runs(suite: StudySuite, study_dir: Path) -> list[DistillRun]:
 
 
 def distill_config(suite: StudySuite, suite_file: Path, run: DistillRun, device: str, progress: bool):
-    """The resolved DistillConfig of one run: base layers <- study overrides <- variant <- run plumbing."""
+    """The resolved DistillConfig of one run: base layers <- study overrides <- variant <- run plumbing.
+
+    Variant overrides may interpolate the base config (e.g. ``networks.fake_routing.chunk_size=
+    ${networks.student_routing.chunk_size}``), so a variant follows the main job's routing settings.
+    """
     from dmd_dar.distill.config import DistillConfig
 
     d = suite.distill
@@ -58,7 +62,9 @@ def distill_config(suite: StudySuite, suite_file: Path, run: DistillRun, device:
     plumbing = [f"method.student_steps={run.student_steps}", f"run.seed={run.seed}", f"run.out_dir={run.run_dir}",
                 "run.log_with=none", f"run.log_every={d.log_every}", "run.sample_every=0",
                 f"run.ckpt_every={d.ckpt_every}", f"run.progress={str(progress).lower()}", "run.resume=true",
-                "debug_grid_every=0"]
+                "debug_grid_every=0",
+                # every run of the study distills one teacher: compute its DMD1 regression pairs once, not per run
+                f"method.regression_cache={run.run_dir.parents[2] / 'regression_cache'}"]
     if d.steps is not None:
         plumbing.append(f"run.steps={d.steps}")
     if device == "cpu":
@@ -171,3 +177,12 @@ def sample_and_evaluate(suite: StudySuite, suite_file: Path, study_dir: Path, te
     atomic_write_json(metrics, metrics_file)
     atomic_write_json(stamp, out / EVAL_STAMP)
     return metrics_file
+
+
+def recipe(cfg) -> dict[str, Any]:
+    """What a reader of the results needs to know about a run's DMD2 recipe (all of it is in its config.yaml)."""
+    m = cfg.method
+    return {"student_routing": to_dict(cfg.networks.student_routing), "fake_routing": to_dict(cfg.networks.fake_routing),
+            "steps": cfg.run.steps, "batch_size": cfg.run.batch_size, "ttur": m.ttur,
+            "generator_lr": cfg.generator_optim.lr, "fake_lr": cfg.fake_optim.lr, "guidance_scale": m.guidance_scale,
+            "regression_weight": m.regression_weight, "gan_weight": m.gan_weight}

@@ -160,6 +160,8 @@ def pretraining_reading(suite: StudySuite, curves: dict[str, Any], steps: list[i
         reach = _iterations_to_reach(c, b_last["estimate"], steps)
         if reach is not None and reach <= steps[0]:
             line += f"; already at or below {base['label']}'s final mean FD at the first point ({steps[0]} it)"
+        elif reach is not None and reach >= int(last):
+            line += f"; reaches {base['label']}'s final mean FD only at the last point"
         elif reach is not None:
             line += (f"; reaches {base['label']}'s final mean FD at ~{reach:.0f} it (mean curves, linear "
                      f"interpolation: {int(last) / reach:.2g}x fewer iterations)")
@@ -382,6 +384,31 @@ def _md_table(det: dict[str, Any], suite: StudySuite, cols: list[str]) -> list[s
     return lines
 
 
+def _routing_text(r: dict[str, Any]) -> str:
+    if r["kind"] != "dar":
+        return "residual"
+    return f"DAR {r['query']} c{r['chunk_size']}"
+
+
+def _md_recipes(recipes: dict[str, Any], suite: StudySuite) -> list[str]:
+    """Each variant's routing and the shared DMD2 recipe, as resolved from the base config when the study ran."""
+    if not recipes:
+        return []
+    lines = ["Variants (resolved from the base config at run time; every run's config.yaml has the rest):", ""]
+    shared = None
+    for name, by_k in recipes.items():
+        r = next(iter(by_k.values()))
+        lines.append(f"- {_label(suite, name)}: student {_routing_text(r['student_routing'])}, fake score "
+                     f"{_routing_text(r['fake_routing'])}")
+        shared = shared or r
+    if shared:
+        lines += ["", f"Recipe: {shared['steps']} iterations, batch {shared['batch_size']}, TTUR {shared['ttur']}, "
+                  f"lr {shared['generator_lr']:g} / {shared['fake_lr']:g} (generator / fake score), guidance "
+                  f"{shared['guidance_scale']:g}, regression weight {shared['regression_weight']:g}, GAN weight "
+                  f"{shared['gan_weight']:g}."]
+    return lines
+
+
 def write_results_md(suite: StudySuite, cfg: StudyConfig, out: Path, det: dict[str, Any] | None,
                      pre: dict[str, Any] | None, command: str, elapsed: float | None) -> Path:
     lines = [f"# Study: {suite.name}", "", suite.description.strip(), "", "Command (from the repository root):", "",
@@ -395,7 +422,7 @@ def write_results_md(suite: StudySuite, cfg: StudyConfig, out: Path, det: dict[s
                   f"Mean ± half-width of the {suite.confidence:.0%} Student-t interval over seeds (one seed: "
                   "`estimate [low, high]`, the run's bootstrap interval over images). Distill budget: "
                   f"{d.steps if d.steps is not None else 'base config'} iterations per run; seeds {list(d.seeds)}.",
-                  "", *_md_table(det, suite, cols)]
+                  "", *_md_table(det, suite, cols), "", *_md_recipes(det.get("recipes", {}), suite)]
         groups = list(dict.fromkeys(g for pc in det["per_class"] for g in pc["classes"]))
         if groups:
             lines += ["", f"Per class: {A.METRICS['hf_gap_db_vs_teacher'][0]} (same interval convention; the other "
@@ -492,7 +519,7 @@ def write_html(suite: StudySuite, out: Path, det: dict[str, Any] | None, pre: di
 
 
 def write_study_outputs(suite: StudySuite, cfg: StudyConfig, out: Path, runs, metric_files: dict[str, Path],
-                        pre_runs, teacher: Path | None) -> Path:
+                        pre_runs, teacher: Path | None, recipes: dict[str, Any] | None = None) -> Path:
     from dmd_dar.study.runner import command_line
 
     plots: dict[str, bytes] = {}
@@ -500,6 +527,7 @@ def write_study_outputs(suite: StudySuite, cfg: StudyConfig, out: Path, runs, me
     det = pre = None
     if runs:
         det = collect_detail(suite, runs, metric_files)
+        det["recipes"] = recipes or {}
         curves = det.pop("_curves")
         samples = out / "eval" / "samples"
         for k in suite.distill.student_steps:
@@ -529,9 +557,10 @@ def write_study_outputs(suite: StudySuite, cfg: StudyConfig, out: Path, runs, me
     record = {}
     if (out / "study_run.json").is_file():
         record = json.loads((out / "study_run.json").read_text())
-    from dmd_dar.config import to_dict
+    import dataclasses
 
-    atomic_write_json({"format": "dmd_dar.study/1", "command": command, "suite": to_dict(suite),
+    # asdict, not OmegaConf: variant overrides may hold (escaped) interpolations meant for the run configs
+    atomic_write_json({"format": "dmd_dar.study/1", "command": command, "suite": dataclasses.asdict(suite),
                        "teacher": str(teacher) if teacher else None, "detail": det, "pretraining": pre,
                        "elapsed_s": record.get("elapsed_s")}, out / "results.json")
     write_results_md(suite, cfg, out, det, pre, command, record.get("elapsed_s"))

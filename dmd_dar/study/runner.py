@@ -39,8 +39,8 @@ def command_line(cfg: StudyConfig) -> str:
     if cfg.out_dir:
         parts.append(f"out_dir={cfg.out_dir}")
     if cfg.set:
-        parts.append("set=[" + ",".join(cfg.set) + "]")
-    return " ".join(shlex.quote(p) if any(c in p for c in " '\"") else p for p in parts)
+        parts.append("set=[" + ",".join(f'"{x}"' if any(c in x for c in "[],") else x for x in cfg.set) + "]")
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def study_dir(cfg: StudyConfig, suite: StudySuite) -> Path:
@@ -157,7 +157,10 @@ def run(cfg: StudyConfig) -> Path:
     record["finished"] = time.time()
     record["elapsed_s"] = record["finished"] - started
     atomic_write_json(record, out / "study_run.json")
-    report = write_study_outputs(suite, cfg, out, runs, metric_files, pre_runs, teacher)
+    recipes = {}
+    for r, c in zip(runs, dcfgs):
+        recipes.setdefault(r.variant.name, {})[str(r.student_steps)] = D.recipe(c)
+    report = write_study_outputs(suite, cfg, out, runs, metric_files, pre_runs, teacher, recipes)
     print(f"study: wrote {report}, {out / 'results.md'}")
     return report
 
