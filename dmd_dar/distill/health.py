@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dmd_dar.errors import UserError
+
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -32,22 +34,32 @@ def grad_norm_wrt(loss: torch.Tensor, x: torch.Tensor) -> float:
     return 0.0 if g is None else g.float().norm().item()
 
 
+class NonFiniteTrainingError(UserError, FloatingPointError):
+    """Too many non-finite steps in a row: a ``UserError`` (the CLI prints one line and exits 2)."""
+
+
 class BadStepGuard:
-    """Counts consecutive non-finite steps; the trainer skips them and stops after ``limit`` in a row."""
+    """Counts non-finite steps; the trainer skips them and stops after ``limit`` in a row of one ``phase``.
+
+    Runs of bad steps are counted per phase (generator, critic), so a critic that fails every step still stops the
+    run even though the generator steps between its failures are finite. ``total`` counts every bad step.
+    """
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.consecutive, self.total = limit, 0, 0
+        self.limit, self.total = limit, 0
+        self.consecutive: dict[str, int] = {}
 
-    def check(self, *values: torch.Tensor | float) -> bool:
-        """True when every value is finite; otherwise count the bad step and return False."""
+    def check(self, *values: torch.Tensor | float | None, phase: str = "step") -> bool:
+        """True when every value is finite; otherwise count the bad step and return False (raise at the limit)."""
         ok = all(torch.isfinite(torch.as_tensor(v)).all() for v in values if v is not None)
         if ok:
-            self.consecutive = 0
+            self.consecutive[phase] = 0
             return True
-        self.consecutive += 1
+        run = self.consecutive[phase] = self.consecutive.get(phase, 0) + 1
         self.total += 1
-        if self.consecutive >= self.limit:
-            raise FloatingPointError(
-                f"{self.consecutive} non-finite steps in a row (total {self.total}); stopping. Lower the learning "
-                f"rates, raise method.ttur, or set run.mixed_precision=no; the last checkpoint is intact")
+        if run >= self.limit:
+            raise NonFiniteTrainingError(
+                f"{run} non-finite {phase} steps in a row (max_bad_steps={self.limit}, total {self.total}); "
+                f"stopping. Lower the learning rates, raise method.ttur, or set run.mixed_precision=no; "
+                f"the last checkpoint is intact")
         return False

@@ -1,12 +1,17 @@
 """``dmd-dar distill``: the DMD2 training loop (plumbing only; the maths is in ``method.py`` and ``losses.py``).
 
 Each iteration: a generator update every ``method.ttur``-th iteration, a fake-score (critic) update every
-iteration. Everything random in iteration s derives from (seed, s, rank), so resume is exact.
+iteration; each update accumulates ``run.grad_accum`` micro-batches of ``run.batch_size`` (``accumulated_update``).
+Everything random in iteration s derives from (seed, s, micro-batch, rank), so resume is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +23,7 @@ from dmd_dar.distill.denoiser import Denoiser
 from dmd_dar.distill.gan import GANHead
 from dmd_dar.distill.health import BadStepGuard, output_drift
 from dmd_dar.distill.method import DMD2, frozen
-from dmd_dar.distill.task import DistillTask, NativeTask
+from dmd_dar.distill.task import Batch, DistillTask, NativeTask
 from dmd_dar.errors import UserError
 from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint
 from dmd_dar.training.ema import EMA
@@ -52,6 +57,60 @@ def _lpips_fn(cfg: DistillConfig):
     return lambda a, b: net(a, b)
 
 
+def accumulated_update(accelerator, models: list, optimizer, params: list, grad_clip: float, guard: BadStepGuard,
+                       phase: str, micro_loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+                       ) -> tuple[bool, float | None, dict[str, float]]:
+    """One optimizer update over n = ``accelerator.gradient_accumulation_steps`` (= run.grad_accum) micro-batches.
+
+    ``micro_loss(m)`` builds micro-batch m's loss (with graph) and logs; each loss is back-propagated at once
+    (``accelerator.backward`` divides it by n) under ``no_sync`` of ``models`` except for the last micro-batch, so
+    DDP all-reduces the summed gradient once. Then one clip and one optimizer step, skipped (and counted by
+    ``guard`` under ``phase``) when a loss or the gradient norm is non-finite. The norm is taken after the sync, so
+    a non-finite gradient makes every process skip alike; non-finite losses are back-propagated too, since a
+    process that skipped its backward would stall DDP's all-reduce on the others.
+    Returns (stepped, gradient norm, logs averaged over the micro-batches).
+    """
+    n = accelerator.gradient_accumulation_steps
+    losses, logs = [], []
+    for m in range(n):
+        with contextlib.ExitStack() as stack:
+            if m < n - 1:
+                for model in models:
+                    stack.enter_context(accelerator.no_sync(model))
+            loss, micro_logs = micro_loss(m)
+            if loss.requires_grad:
+                accelerator.backward(loss)
+        losses.append(loss.detach())
+        logs.append(micro_logs)
+    norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    norm = None if norm is None else float(norm)
+    # fp16: the grad scaler skips overflowing steps itself (and lowers its scale), so only the losses count here.
+    stepped = guard.check(*losses, norm if accelerator.scaler is None else None, phase=phase)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    keys = dict.fromkeys(k for d in logs for k in d)
+    return stepped, norm, {k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys}
+
+
+def _micro_batches(cfg: DistillConfig, task: DistillTask, step: int, rank: int, device, need_real: bool
+                   ) -> list[tuple[torch.Generator, torch.Generator, Batch]]:
+    """(generator, shared generator, batch) of each micro-batch of iteration ``step``.
+
+    Micro-batch 0 draws exactly what an iteration without accumulation draws; micro-batch m > 0 has its own seeds.
+    """
+    out = []
+    for m in range(cfg.run.grad_accum):
+        if m == 0:
+            gen = seed_step(cfg.run.seed, step, rank)
+            shared = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shared", step))
+        else:
+            gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "train", step, rank, "micro", m))
+            shared = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shared", step, "micro", m))
+        out.append((gen, shared, task.draw(cfg.run.batch_size, gen, device, need_real)))
+    return out
+
+
 def run(cfg: DistillConfig) -> Path:
     run_dir = Path(cfg.run.out_dir)
     ckpt = Checkpointer(run_dir, keep=cfg.run.keep_checkpoints)
@@ -60,6 +119,12 @@ def run(cfg: DistillConfig) -> Path:
         check_resume_config(DistillConfig, cfg, run_dir, RESUMABLE_CHANGES)
     accelerator = make_accelerator(cfg.run, "distill")
     device = accelerator.device
+    from accelerate.utils import DistributedType
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and cfg.ema_decay > 0:
+        raise UserError(f"ema_decay={cfg.ema_decay}: the EMA holds full-size weights and does not support "
+                        f"FSDP-sharded students; set ema_decay=0 to disable it (the raw student is exported)")
     if accelerator.is_main_process:
         save_config(cfg, run_dir)
         print(to_yaml(cfg))
@@ -79,7 +144,7 @@ def run(cfg: DistillConfig) -> Path:
     f_opt = build_optimizer(f_groups, cfg.fake_optim)
     g_sched, f_sched = (warmup_schedule(g_opt, cfg.generator_optim.warmup_steps),
                         warmup_schedule(f_opt, cfg.fake_optim.warmup_steps))
-    ema = EMA(student, cfg.ema_decay)
+    ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None  # None: grids and export use the raw student
     guard = BadStepGuard(cfg.max_bad_steps)
     start = 0
     if resume_from is not None:
@@ -88,16 +153,19 @@ def run(cfg: DistillConfig) -> Path:
         fake.load_state_dict(nets["fake_score"])
         if gan_head is not None:
             gan_head.load_state_dict(nets["gan_head"])
-        ema.load_state_dict(nets["generator_ema"], state["ema_updates"])
+        if ema is not None:
+            ema.load_state_dict(nets["generator_ema"], state["ema_updates"])
         for obj, key in ((g_opt, "generator"), (f_opt, "fake"), (g_sched, "generator_sched"), (f_sched, "fake_sched")):
             obj.load_state_dict(opts[key])
         start = state["step"]
+        guard.total = state.get("bad_steps_total", 0)
         accelerator.print(f"resumed from {resume_from} at step {start}")
 
     prepared = accelerator.prepare(student, fake, g_opt, f_opt, *([gan_head] if gan_head is not None else []))
     student, fake, g_opt, f_opt = prepared[:4]
     gan_head = prepared[4] if gan_head is not None else None
-    ema.model.to(device)
+    if ema is not None:
+        ema.model.to(device)
     unwrap = accelerator.unwrap_model
     regression = (task.regression_pairs(Path(cfg.method.regression_cache or run_dir), cfg.method.regression_pairs,
                                         cfg.method.regression_steps)
@@ -113,66 +181,85 @@ def run(cfg: DistillConfig) -> Path:
     def save(step: int) -> None:
         if not accelerator.is_main_process:
             return
-        nets = {"generator": accelerator.get_state_dict(student), "fake_score": accelerator.get_state_dict(fake),
-                "generator_ema": ema.state_dict()}
+        nets = {"generator": accelerator.get_state_dict(student), "fake_score": accelerator.get_state_dict(fake)}
+        if ema is not None:
+            nets["generator_ema"] = ema.state_dict()
         if gan_head is not None:
             nets["gan_head"] = accelerator.get_state_dict(gan_head)
         ckpt.save(step, nets, {"generator": g_opt.state_dict(), "fake": f_opt.state_dict(),
                                "generator_sched": g_sched.state_dict(), "fake_sched": f_sched.state_dict()},
-                  {"ema_updates": ema.num_updates, "bad_steps_total": guard.total})
+                  {"ema_updates": ema.num_updates if ema is not None else 0, "bad_steps_total": guard.total})
+
+    def sampling_net():
+        """The EMA, or the raw student (ema_decay=0), for grids and export. Every process calls it: under FSDP it
+        gathers the full weights (a collective) into a plain copy on the main process; None elsewhere."""
+        if ema is not None:
+            return ema.model
+        if not fsdp:
+            return unwrap(student)
+        state = accelerator.get_state_dict(student)
+        if not accelerator.is_main_process:
+            return None
+        net = task.build_network(cfg.networks.student_routing, False)
+        net.load_state_dict(state)
+        return net.to(device)
+
+    def generator_loss(micro, x_fake, debug, do_log, m):
+        gen, shared, b = micro[m]
+        with accelerator.autocast():
+            x_in, t_in = method.generator_input(b.noise, b.cond, gen, shared, b.real)
+            x = method.generate(x_in, t_in, b.cond)
+            loss, logs, micro_debug = method.generator_step(x, b.cond, gen, with_diagnostics=do_log)
+        x_fake[m] = x.detach()
+        if m == 0:
+            debug.update(micro_debug)
+        return loss, logs
+
+    def critic_loss(micro, x_fake, m):
+        gen, shared, b = micro[m]
+        if x_fake[m] is None:  # no generator update this iteration: the current student's samples, no graph
+            with torch.no_grad(), accelerator.autocast():
+                x_in, t_in = method.generator_input(b.noise, b.cond, gen, shared, b.real)
+                x_fake[m] = Denoiser(unwrap(student), path, null).x0(x_in, t_in, b.cond).to(b.noise.dtype)
+        with accelerator.autocast(), frozen(unwrap(student)):
+            return method.critic_step(x_fake[m], b.cond, gen, b.real, b.real_cond)
 
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="distill",
                disable=not (cfg.run.progress and accelerator.is_main_process))
     last_logs: dict[str, float] = {}
+    critic_models = [fake, *([gan_head] if gan_head is not None else [])]
+    critic_params = [p for grp in f_opt.param_groups for p in grp["params"]]
     for step in bar:
-        gen = seed_step(cfg.run.seed, step, accelerator.process_index)
-        shared = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shared", step))
-        batch = task.draw(cfg.run.batch_size, gen, device, needs_real)
-        noise, labels, real, real_labels = batch.noise, batch.cond, batch.real, batch.real_cond
+        micro = _micro_batches(cfg, task, step, accelerator.process_index, device, needs_real)
         logs: dict[str, float] = {}
         do_log = (step + 1) % cfg.run.log_every == 0
-        x_fake = None
+        x_fake: list[torch.Tensor | None] = [None] * len(micro)
         if step % cfg.method.ttur == 0:
             student.train()
-            with accelerator.autocast():
-                x_in, t_in = method.generator_input(noise, labels, gen, shared, real)
-                x = method.generate(x_in, t_in, labels)
-                loss, g_logs, debug = method.generator_step(x, labels, gen, with_diagnostics=do_log)
+            debug: dict[str, torch.Tensor] = {}
+            stepped, norm, g_logs = accumulated_update(
+                accelerator, [student], g_opt, list(student.parameters()), cfg.generator_optim.grad_clip, guard,
+                "generator", functools.partial(generator_loss, micro, x_fake, debug, do_log))
             logs.update(g_logs)
-            if guard.check(loss):
-                accelerator.backward(loss)
-                if cfg.generator_optim.grad_clip > 0:
-                    logs["gen/grad_norm"] = float(accelerator.clip_grad_norm_(student.parameters(),
-                                                                              cfg.generator_optim.grad_clip))
-                g_opt.step()
-                ema.update(unwrap(student))
-            else:
-                logs["health/skipped_generator_step"] = 1.0
-            g_opt.zero_grad(set_to_none=True)
+            logs["health/skipped_generator_step"] = 0.0 if stepped else 1.0
+            if stepped:
+                if cfg.generator_optim.grad_clip > 0 and norm is not None:
+                    logs["gen/grad_norm"] = norm
+                if ema is not None:
+                    ema.update(unwrap(student))
             g_sched.step()
-            x_fake = x.detach()
             if reference is not None:
-                logs.update(output_drift(x_fake, reference["mean"], reference["std"]))
+                logs.update(output_drift(torch.cat(x_fake), reference["mean"], reference["std"]))
             if cfg.debug_grid_every and accelerator.is_main_process and step % cfg.debug_grid_every == 0:
                 _debug_grid(task, debug, run_dir / "debug" / f"step_{step:07d}.png")
-        if x_fake is None:
-            with torch.no_grad(), accelerator.autocast():
-                inner = Denoiser(unwrap(student), path, null)
-                x_in, t_in = method.generator_input(noise, labels, gen, shared, real)
-                x_fake = inner.x0(x_in, t_in, labels).to(noise.dtype)
         fake.train()
-        with accelerator.autocast(), frozen(unwrap(student)):
-            c_loss, c_logs = method.critic_step(x_fake, labels, gen, real, real_labels)
+        stepped, norm, c_logs = accumulated_update(accelerator, critic_models, f_opt, critic_params,
+                                                   cfg.fake_optim.grad_clip, guard, "critic",
+                                                   functools.partial(critic_loss, micro, x_fake))
         logs.update(c_logs)
-        if guard.check(c_loss):
-            accelerator.backward(c_loss)
-            if cfg.fake_optim.grad_clip > 0:
-                logs["critic/grad_norm"] = float(accelerator.clip_grad_norm_(
-                    [p for grp in f_opt.param_groups for p in grp["params"]], cfg.fake_optim.grad_clip))
-            f_opt.step()
-        else:
-            logs["health/skipped_critic_step"] = 1.0
-        f_opt.zero_grad(set_to_none=True)
+        logs["health/skipped_critic_step"] = 0.0 if stepped else 1.0
+        if stepped and cfg.fake_optim.grad_clip > 0 and norm is not None:
+            logs["critic/grad_norm"] = norm
         f_sched.step()
         last_logs.update(logs)
         done = step + 1
@@ -183,18 +270,21 @@ def run(cfg: DistillConfig) -> Path:
             if accelerator.is_main_process:
                 with open(run_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps({"step": done, **last_logs}) + "\n")
-        if cfg.run.sample_every and done % cfg.run.sample_every == 0 and accelerator.is_main_process:
-            _sample_grid(task, ema.model, run_dir / "samples" / f"step_{done:07d}.png")
+        if cfg.run.sample_every and done % cfg.run.sample_every == 0:
+            net = sampling_net()
+            if accelerator.is_main_process:
+                _sample_grid(task, net, run_dir / "samples" / f"step_{done:07d}.png")
         if cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0:
             save(done)
     accelerator.wait_for_everyone()
     identical = replicas_identical(accelerator, student)
     export = run_dir / "export"
+    net = sampling_net()
     if accelerator.is_main_process:
         if cfg.run.steps > start and (not cfg.run.ckpt_every or cfg.run.steps % cfg.run.ckpt_every):
             save(cfg.run.steps)
-        task.export(ema.model, export)
-        _sample_grid(task, ema.model, export / "samples_grid.png")
+        task.export(net, export)
+        _sample_grid(task, net, export / "samples_grid.png")
         summary = {"steps": cfg.run.steps, "bad_steps_total": guard.total, "student_timesteps": task.student_times,
                    "num_processes": accelerator.num_processes, "replicas_identical": identical}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -224,9 +314,11 @@ def replicas_identical(accelerator, model) -> bool:
 def _sample_grid(task: DistillTask, model, path: Path, per_cond: int = 8) -> None:
     from dmd_dar.data.manifest import save_grid
 
+    training = model.training
     model.eval()
     cond, seeds = task.grid_batch(per_cond)
     save_grid(task.decode(task.sample(model, cond, seeds)), path, nrow=per_cond)
+    model.train(training)  # the raw student (ema_decay=0) goes on training
 
 
 def _debug_grid(task: DistillTask, debug: dict[str, torch.Tensor], path: Path, n: int = 8) -> None:
