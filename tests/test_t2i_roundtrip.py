@@ -27,7 +27,7 @@ def distill_args(root: Path, family: str, out: Path, *extra: str) -> list[str]:
             f"t2i.embed_cache_dir={root / 'cache'}", "t2i.reference_samples=2", "t2i.teacher_steps=2",
             "t2i.grid_prompts=1", f"run.out_dir={out}", "run.steps=2", "run.batch_size=2", "run.cpu=true",
             "run.log_every=1", "run.sample_every=0", "run.ckpt_every=0", "run.log_with=none", "run.progress=false",
-            "method.ttur=1", "debug_grid_every=0", *extra]
+            "method.ttur=1", "method.regression_weight=0", "debug_grid_every=0", *extra]
 
 
 @pytest.fixture(scope="module")

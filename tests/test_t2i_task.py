@@ -33,7 +33,7 @@ def make_cfg(root, family, *extra):
         "networks.teacher_kind=diffusers", f"t2i.model={root / family}", "t2i.dtype=float32", "t2i.height=16",
         "t2i.width=16", f"t2i.prompts=[{root / 'prompts.txt'}]", "t2i.max_sequence_length=8",
         f"t2i.embed_cache_dir={root / 'cache'}", "t2i.reference_samples=2", "t2i.teacher_steps=2",
-        "t2i.grid_prompts=1", "method.guidance_scale=3.0", *extra])
+        "t2i.grid_prompts=1", "method.guidance_scale=3.0", "method.regression_weight=0", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ class MethodConfig:
     t_max: float = 0.98
     fake_t_min: float = 0.0  # fake-score denoising timesteps (the full range)
     fake_t_max: float = 1.0
-    ttur: int = 3  # fake-score updates per generator update (official DMD2: 5 or 10, at far smaller learning rates)
+    ttur: int = 5  # fake-score updates per generator update (official DMD2: 5 or 10)
     student_steps: int = 1  # 1 = one-step generator; 2, 4 ... = few-step with the schedule below
     backward_simulation: bool = True  # few-step: feed the student its own earlier outputs (DMD2 SDXL)
     dm_weight: float = 1.0
@@ -32,7 +32,7 @@ class MethodConfig:
     gan_disc_weight: float = 1e-2  # discriminator loss weight inside the critic loss
     gan_feature: str = "final"  # fake-score tokens fed to the GAN head: final (head input) | mid (middle sublayer)
     gan_max_t: float = 1.0  # diffusion-GAN: real and fake images noised with t ~ U[0, gan_max_t]
-    regression_weight: float = 0.5  # DMD1 regression onto teacher ODE pairs; 0 disables (pure DMD2)
+    regression_weight: float = 0.0  # DMD1 regression onto teacher ODE pairs; 0 disables (pure DMD2)
     regression_loss: str = "mse"  # mse | lpips
     regression_pairs: int = 128  # number of cached (noise, label, teacher sample) pairs
     regression_steps: int = 25  # teacher ODE steps for the pairs
@@ -108,7 +108,8 @@ class T2IConfig:
 @dataclass
 class DistillConfig:
     networks: NetworksConfig = field(default_factory=NetworksConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # The main job's recipe (see configs/distill_embedded.yaml); MethodConfig's own defaults are plain DMD2.
+    method: MethodConfig = field(default_factory=lambda: MethodConfig(ttur=3, regression_weight=0.5))
     data: DataConfig = field(default_factory=DataConfig)  # real images: GAN and no-backsim few-step inputs
     generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
