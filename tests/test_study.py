@@ -172,9 +172,9 @@ def test_rerun_skips_everything_and_a_checkpointed_run_resumes(study, monkeypatc
     assert main(["study", f"suite={study / 'study.yaml'}", "progress=false", "pretraining=false",
                  f"out_dir={out}", "set=[distill.steps=3]"]) == 0
     assert "'set=[distill.steps=3]'" in (out / "results.md").read_text()  # the exact command, shell-quoted
-    log = capsys.readouterr().out
-    assert "resumed from" in log and "at step 2" in log
     run_dir = out / "distill" / "dar_static_t" / "1step" / "seed0"
+    log = (run_dir / "stdout.log").read_text()  # the trainer's printout, kept off the study's console
+    assert "resumed from" in log and "at step 2" in log and "resumed from" not in capsys.readouterr().out
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
@@ -216,3 +216,16 @@ def test_embedded_suite_budgets_and_quick_block():
     assert estimate_seconds(full, True, True)["total"] <= 2 * 3600
     assert estimate_seconds(quick, True, quick.pretraining.enabled)["total"] <= 20 * 60
     assert StudyConfig().suite == "eval/study/embedded.yaml"
+
+
+def test_health_divergence_is_hard_evidence_and_growth_only_a_flag(tmp_path):
+    ok, nan = tmp_path / "ok", tmp_path / "nan"
+    for d, last in ((ok, 1.0), (nan, float("nan"))):
+        d.mkdir()
+        recs = [{"step": s, "gen/dm_loss": 0.1 * s, "critic/fake_loss": 1.0, "drift/std_ratio": 1.0 + s}
+                for s in range(1, 21)] + [{"step": 21, "critic/fake_loss": last}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    h = A.read_health(ok, ["gen/dm_loss", "critic/fake_loss"], blowup_factor=10.0)
+    assert not h["diverged"] and len(h["flags"]) == 2  # dm loss grew 19x, output std 21x the teacher's
+    assert h["curves"]["critic/fake_loss"][-1] == [21, 1.0] and h["final"]["gen/dm_loss"] == 2.0
+    assert A.read_health(nan, ["critic/fake_loss"], blowup_factor=10.0)["diverged"]

@@ -30,6 +30,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "cmmd_vs_teacher": ("CMMD vs teacher", "lower"),
 }
 HEALTH_LOSSES = ("gen/dm_loss", "critic/fake_loss")
+HEALTH_GRADS = ("gen/grad_norm", "critic/grad_norm")
 
 
 def _ci(d: Any) -> dict[str, float] | None:
@@ -118,9 +119,17 @@ def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
 # ----------------------------------------------------------------------------------------------- health
 
 
-def read_health(run_dir: Path, keys: list[str], blowup_factor: float) -> dict[str, Any]:
-    """Health curves of one distill run and its flags: stopped, non-finite steps, loss blow-up."""
+def read_health(run_dir: Path, keys: list[str], blowup_factor: float, drift_factor: float = 2.0) -> dict[str, Any]:
+    """Health curves of one distill run and its flags.
+
+    ``diverged`` is hard evidence only: the trainer stopped on non-finite losses, skipped non-finite steps, or
+    logged a non-finite value. Softer warning signs go to ``flags``: a loss or gradient norm whose last-10 % mean
+    exceeds ``blowup_factor`` times its first-10 % median, and a generator output whose std drifted beyond
+    ``drift_factor`` (or below its inverse) times the teacher samples' (``drift/std_ratio``, last 10 %).
+    """
     curves: dict[str, list[list[float]]] = {k: [] for k in keys}
+    tracked = list(dict.fromkeys([*keys, *HEALTH_LOSSES, *HEALTH_GRADS, "drift/std_ratio"]))
+    series: dict[str, list[float]] = {k: [] for k in tracked}
     nonfinite = False
     log = run_dir / "metrics.jsonl"
     if log.is_file():
@@ -129,29 +138,36 @@ def read_health(run_dir: Path, keys: list[str], blowup_factor: float) -> dict[st
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            for k in keys:
+            for k in tracked:
                 v = rec.get(k)
                 if isinstance(v, int | float):
-                    curves[k].append([rec["step"], float(v)])
                     nonfinite |= not math.isfinite(float(v))
+                    series[k].append(float(v))
+                    if k in curves:
+                        curves[k].append([rec["step"], float(v)])
     failed = run_dir / "failed.json"
     summary: dict[str, Any] = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
     bad = int(summary.get("bad_steps_total", 0) or 0)
-    blown = []
-    for k in HEALTH_LOSSES:
-        ys = [y for _, y in curves.get(k, []) if math.isfinite(y)]
+    flags = []
+    for k in (*HEALTH_LOSSES, *HEALTH_GRADS):
+        ys = [abs(y) for y in series.get(k, []) if math.isfinite(y)]
         if len(ys) >= 4:
             w = max(1, len(ys) // 10)
-            head, tail = float(np.median(np.abs(ys[:w]))), float(np.mean(np.abs(ys[-w:])))
+            head, tail = float(np.median(ys[:w])), float(np.mean(ys[-w:]))
             if head > 0 and tail > blowup_factor * head:
-                blown.append(k)
+                flags.append(f"{k} grew {tail / head:.3g}x")
+    drift = [y for y in series.get("drift/std_ratio", []) if math.isfinite(y)]
+    if drift:
+        tail = float(np.mean(drift[-max(1, len(drift) // 10):]))
+        if not 1 / drift_factor <= tail <= drift_factor:
+            flags.append(f"output std {tail:.3g}x the teacher's")
     stopped = failed.is_file()
     final = {k: (v[-1][1] if v else None) for k, v in curves.items()}
     return {"curves": curves, "stopped": stopped, "stop_reason": json.loads(failed.read_text())["error"]
-            if stopped else None, "bad_steps_total": bad, "nonfinite_logged": nonfinite, "blowup": blown,
-            "diverged": stopped or bad > 0 or nonfinite or bool(blown), "final": final}
+            if stopped else None, "bad_steps_total": bad, "nonfinite_logged": nonfinite, "flags": flags,
+            "diverged": stopped or bad > 0 or nonfinite, "final": final}
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -61,7 +61,8 @@ class Variant:
 
 @dataclass
 class HealthSettings:
-    blowup_factor: float = 10.0  # a loss whose last-10 % mean exceeds this times its first-10 % median "blew up"
+    blowup_factor: float = 10.0  # flag a loss / grad norm whose last-10 % mean exceeds this x its first-10 % median
+    drift_factor: float = 2.0  # flag a generator whose output std ends beyond this x (or 1/this x) the teacher's
     keys: list[str] = field(default_factory=lambda: [
         "gen/dm_loss", "critic/fake_loss", "gen/grad_norm", "critic/grad_norm", "dm_grad/t0.00-0.25",
         "dm_grad/t0.75-1.00", "drift/std_ratio", "drift/mean_abs", "gen/x_std"])

@@ -12,8 +12,10 @@ Each unit is resumable on its own:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,16 @@ from dmd_dar.utils.io import atomic_write_json, atomic_write_text
 
 EVAL_STAMP = "eval_stamp.json"
 FAILED = "failed.json"
+STDOUT = "stdout.log"
+
+
+@contextlib.contextmanager
+def trainer_output_to(run_dir: Path) -> Iterator[None]:
+    """Send a trainer's printout (its resolved config, resume notes) to ``run_dir/stdout.log``: the study's console
+    keeps one progress bar."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / STDOUT, "a", encoding="utf-8") as fh, contextlib.redirect_stdout(fh):
+        yield
 
 
 @dataclass
@@ -111,7 +123,8 @@ def distill(run: DistillRun, cfg) -> str:
     from dmd_dar.distill.trainer import run as train
 
     try:
-        train(cfg)
+        with trainer_output_to(run.run_dir):
+            train(cfg)
     except FloatingPointError as exc:
         atomic_write_json({"error": str(exc), "kind": "non-finite losses"}, run.run_dir / FAILED)
         print(f"study: {run.name} stopped: {exc}")

@@ -92,7 +92,10 @@ def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: Pretrai
     cfg = teacher_config(suite, suite_file, run, step, device, progress)
     # The teacher trainer draws its initial weights from the global RNG: seed it so seeds differ and repeat.
     torch.manual_seed(derive_seed("study-pretrain-init", run.seed) % (2**63))
-    export = train(cfg)
+    from dmd_dar.study.detail import trainer_output_to
+
+    with trainer_output_to(run.run_dir):
+        export = train(cfg)
     model, meta = load_artifact(export, device=str(resolve_device(device)))
     folder = run.run_dir / "fd_samples" / f"step_{step:07d}"
     records = sample_folder(model, meta, folder, SampleConfig(checkpoint=str(export), num_per_class=p.fd_num_per_class,

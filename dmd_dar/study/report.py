@@ -62,12 +62,13 @@ def collect_detail(suite: StudySuite, runs, metric_files: dict[str, Path]) -> di
             rs = [r for r in runs if r.variant.name == v.name and r.student_steps == k]
             ex = [A.extract(loaded[r.name], r.name) if r.name in loaded else None for r in rs]
             cells = {m: A.over_seeds([e[m] if e else None for e in ex], conf) for m in A.METRICS}
-            hs = [A.read_health(r.run_dir, d.health.keys, d.health.blowup_factor) for r in rs]
+            hs = [A.read_health(r.run_dir, d.health.keys, d.health.blowup_factor, d.health.drift_factor) for r in rs]
             for r, h in zip(rs, hs):
                 health[r.name] = h
             rows.append({"variant": v.name, "label": v.label or v.name, "student_steps": k, "seeds": [r.seed for r in rs],
                          "evaluated": [r.seed for r in rs if r.name in loaded], "metrics": cells,
                          "diverged": sum(h["diverged"] for h in hs), "stopped": sum(h["stopped"] for h in hs),
+                         "flagged": sum(bool(h["flags"]) for h in hs),
                          "runs": {r.name: str(r.run_dir) for r in rs}})
             pcs = [A.extract_per_class(loaded[r.name], r.name) for r in rs if r.name in loaded]
             groups = list(dict.fromkeys(g for pc in pcs for g in pc))
@@ -112,9 +113,13 @@ def detail_reading(suite: StudySuite, rows: list[dict[str, Any]], health: dict[s
                             "claim": A.claim_verdict(cmps)})
         div = [f"{r['label']} in {r['diverged']}/{len(r['seeds'])} seeds" for r in rows
                if r["student_steps"] == k and r["diverged"]]
-        out["by_steps"][str(k)] = {"baseline": base["label"], "variants": entries,
-                                   "health": ("diverged or unstable: " + "; ".join(div)) if div else
-                                   "no variant diverged (no non-finite steps, no loss blow-up)"}
+        text = ("diverged (non-finite losses): " + "; ".join(div)) if div else \
+            "no variant diverged (no non-finite losses or skipped steps)"
+        flagged = [f"{r['label']}: " + ", ".join(f for n in r["runs"] for f in health[n]["flags"])
+                   for r in rows if r["student_steps"] == k and r["flagged"]]
+        if flagged:
+            text += "; warning flags: " + "; ".join(flagged)
+        out["by_steps"][str(k)] = {"baseline": base["label"], "variants": entries, "health": text}
     return out
 
 
@@ -369,12 +374,12 @@ def _cell_md(c: dict[str, Any] | None) -> str:
 
 
 def _md_table(det: dict[str, Any], suite: StudySuite, cols: list[str]) -> list[str]:
-    lines = ["| variant | student steps | seeds | " + " | ".join(A.METRICS[c][0] for c in cols) + " | diverged |",
+    lines = ["| variant | student steps | seeds | " + " | ".join(A.METRICS[c][0] for c in cols) + " | diverged / flagged |",
              "|" + "---|" * (len(cols) + 4)]
     for r in det["rows"]:
         cells = [_cell_md(r["metrics"].get(c)) for c in cols]
         lines.append(f"| {r['label']} | {r['student_steps']} | {len(r['evaluated'])}/{len(r['seeds'])} | "
-                     + " | ".join(cells) + f" | {r['diverged']}/{len(r['seeds'])} |")
+                     + " | ".join(cells) + f" | {r['diverged']} / {r['flagged']} of {len(r['seeds'])} |")
     anchors = det.get("anchors", {})
     for name, label in (("teacher", f"teacher ({suite.eval.teacher.name})"), ("data", "held-out data")):
         if name in anchors:
@@ -468,13 +473,14 @@ def write_html(suite: StudySuite, out: Path, det: dict[str, Any] | None, pre: di
             rows.append([f"<td>{_e(r['label'])}</td>", f"<td>{r['student_steps']}</td>",
                          f"<td>{len(r['evaluated'])}/{len(r['seeds'])}</td>",
                          *[ci_cell(r["metrics"].get(c)) for c in cols],
-                         f"<td>{r['diverged']}/{len(r['seeds'])}</td>"])
+                         f"<td>{r['diverged']} / {r['flagged']} of {len(r['seeds'])}</td>"])
         for name, a in det.get("anchors", {}).items():
             rows.append([f"<td>{_e(name)}</td>", "<td>—</td>", "<td>—</td>",
                          *[ci_cell(a.get(c)) if c in a else '<td class="na">—</td>' for c in cols], "<td>—</td>"])
         parts += ["<h2>Table</h2><p>Mean and interval over seeds (Student t; one seed: bootstrap over images). "
                   "* marks an interval excluding 0.</p>",
-                  _table(["variant", "student steps", "seeds", *[A.METRICS[c][0] for c in cols], "diverged"], rows)]
+                  _table(["variant", "student steps", "seeds", *[A.METRICS[c][0] for c in cols],
+                          "diverged / flagged"], rows)]
         parts.append("<h2>Reading (automatic)</h2>")
         for k, block in det["reading"]["by_steps"].items():
             parts.append(f"<h3>{_e(k)}-step students (baseline {_e(block['baseline'])})</h3>"
@@ -498,11 +504,11 @@ def write_html(suite: StudySuite, out: Path, det: dict[str, Any] | None, pre: di
                 parts += [f"<figure>{_img(png, label, 'grid')}<figcaption>{_e(label)}</figcaption></figure>"
                           for label, png in grids[k]]
         hl = [[f"<td>{_e(n)}</td>", f"<td>{'yes' if h['diverged'] else 'no'}</td>", f"<td>{h['bad_steps_total']}</td>",
-               f"<td>{_e(', '.join(h['blowup']) or '—')}</td>",
+               f"<td>{_e(', '.join(h['flags']) or '—')}</td>",
                *[f'<td class="num">{fmt(h["final"].get(k))}</td>' for k in suite.distill.health.keys]]
               for n, h in det["health"].items()]
         parts += ["<h2>Health per run</h2>",
-                  _table(["run", "diverged", "non-finite steps", "loss blow-up",
+                  _table(["run", "diverged", "non-finite steps", "warning flags",
                           *[f"final {k}" for k in suite.distill.health.keys]], hl)]
     if pre is not None:
         parts.append("<h2>Teacher pretraining: FD vs iterations</h2>")
