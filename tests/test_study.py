@@ -229,3 +229,27 @@ def test_health_divergence_is_hard_evidence_and_growth_only_a_flag(tmp_path):
     assert not h["diverged"] and len(h["flags"]) == 2  # dm loss grew 19x, output std 21x the teacher's
     assert h["curves"]["critic/fake_loss"][-1] == [21, 1.0] and h["final"]["gen/dm_loss"] == 2.0
     assert A.read_health(nan, ["critic/fake_loss"], blowup_factor=10.0)["diverged"]
+
+
+def test_diverging_runs_are_recorded_not_fatal(study, monkeypatch):
+    import dmd_dar.distill.trainer as trainer
+    import dmd_dar.training.teacher as teacher
+    from dmd_dar.distill.health import NonFiniteTrainingError
+
+    def distill_nan(cfg):
+        raise NonFiniteTrainingError("10 non-finite critic steps in a row")
+
+    def teacher_nan(cfg):
+        raise RuntimeError("non-finite teacher loss at step 0; lower optim.lr or check the data")
+
+    monkeypatch.setattr(trainer, "run", distill_nan)
+    monkeypatch.setattr(teacher, "run", teacher_nan)
+    out = study / "diverged"
+    assert main(["study", f"suite={study / 'study.yaml'}", "progress=false", f"out_dir={out}"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["diverged"], r["evaluated"]) for r in res["detail"]["rows"]] == [(1, []), (1, [])]
+    assert "diverged (non-finite losses)" in res["detail"]["reading"]["by_steps"]["1"]["health"]
+    assert res["pretraining"]["curves"]["residual"]["diverged_seeds"] == {"0": "non-finite teacher loss at step 0; "
+                                                                                 "lower optim.lr or check the data"}
+    assert any("diverged in 1/1 seeds" in x for x in res["pretraining"]["reading"])
+    assert main(["study", f"suite={study / 'study.yaml'}", "progress=false", f"out_dir={out}"]) == 0  # skipped now

@@ -21,6 +21,7 @@ from dmd_dar.study.config import StudySuite, Variant, resolve_path
 from dmd_dar.utils.io import atomic_write_json
 
 FD_FILE = "fd.json"
+FAILED = "failed.json"
 
 
 @dataclass
@@ -73,6 +74,8 @@ def pending(suite: StudySuite, suite_file: Path, run: PretrainRun, device: str) 
     from dmd_dar.training.teacher import RESUMABLE_CHANGES, TeacherConfig
 
     done = read_points(run)
+    if (run.run_dir / FAILED).is_file():
+        return []  # diverged: recorded in failed.json, shown as such in the report
     if done:
         cfg = teacher_config(suite, suite_file, run, suite.pretraining.steps, device, False)
         check_saved_config(TeacherConfig, cfg, run.run_dir, RESUMABLE_CHANGES)
@@ -94,8 +97,16 @@ def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: Pretrai
     torch.manual_seed(derive_seed("study-pretrain-init", run.seed) % (2**63))
     from dmd_dar.study.detail import trainer_output_to
 
-    with trainer_output_to(run.run_dir):
-        export = train(cfg)
+    try:
+        with trainer_output_to(run.run_dir):
+            export = train(cfg)
+    except (FloatingPointError, RuntimeError) as exc:
+        if not isinstance(exc, FloatingPointError) and "non-finite" not in str(exc):
+            raise
+        # A diverged pretraining run is a result, not a crash: record it; its later stages are skipped.
+        atomic_write_json({"error": str(exc), "step": step}, run.run_dir / FAILED)
+        print(f"study: {run.name} diverged before step {step}: {exc}")
+        return {"step": step, "fd": None, "failed": str(exc)}
     model, meta = load_artifact(export, device=str(resolve_device(device)))
     folder = run.run_dir / "fd_samples" / f"step_{step:07d}"
     records = sample_folder(model, meta, folder, SampleConfig(checkpoint=str(export), num_per_class=p.fd_num_per_class,

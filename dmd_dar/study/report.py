@@ -135,7 +135,9 @@ def collect_pretraining(suite: StudySuite, pre_runs) -> dict[str, Any]:
         for s in steps:
             cis = [A._ci(pts[seed].get(s, {}).get("fd")) for seed in pts]
             per_step[str(s)] = A.over_seeds(cis, suite.confidence)
-        curves[v.name] = {"label": v.label or v.name, "fd": per_step,
+        failed = {str(r.seed): json.loads((r.run_dir / "failed.json").read_text())["error"]
+                  for r in pre_runs if r.variant.name == v.name and (r.run_dir / "failed.json").is_file()}
+        curves[v.name] = {"label": v.label or v.name, "fd": per_step, "diverged_seeds": failed,
                           "per_seed": {str(seed): {str(s): (pt.get(s, {}).get("fd") or {}).get("estimate")
                                                     for s in steps} for seed, pt in pts.items()}}
     return {"steps": steps, "curves": curves, "reading": pretraining_reading(suite, curves, steps),
@@ -150,6 +152,10 @@ def pretraining_reading(suite: StudySuite, curves: dict[str, Any], steps: list[i
     last = str(steps[-1])
     lines = []
     b_last = base["fd"].get(last)
+    for c in curves.values():
+        if c["diverged_seeds"]:
+            lines.append(f"{c['label']} diverged in {len(c['diverged_seeds'])}/{len(p.seeds)} seeds "
+                         f"(seeds {', '.join(c['diverged_seeds'])}: non-finite loss)")
     for name, c in curves.items():
         if name == p.baseline:
             continue
@@ -309,6 +315,8 @@ def fd_plot(pre: dict[str, Any]) -> bytes | None:
     plt = _plt()
     if not pre["curves"]:
         return None
+    if not any(c["fd"].get(str(s)) for c in pre["curves"].values() for s in pre["steps"]):
+        return None  # every run diverged before its first point
     fig, ax = plt.subplots(figsize=(6.6, 4.3))
     for c in pre["curves"].values():
         xs = [s for s in pre["steps"] if c["fd"].get(str(s))]

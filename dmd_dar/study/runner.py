@@ -148,10 +148,13 @@ def run(cfg: StudyConfig) -> Path:
         for r in pre_runs:
             todo = pre_pending[r.name]
             bar.update(len(P.stages(suite)) - len(todo))
-            for step in todo:
+            for i, step in enumerate(todo):
                 bar.set_postfix_str(f"{r.name} -> {step}")
-                P.run_stage(suite, suite_file, out, r, step, device, inner)
+                point = P.run_stage(suite, suite_file, out, r, step, device, inner)
                 bar.update(1)
+                if point.get("failed"):  # diverged: no later stages
+                    bar.update(len(todo) - i - 1)
+                    break
     finally:
         bar.close()
     record["finished"] = time.time()
