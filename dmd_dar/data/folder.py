@@ -42,19 +42,24 @@ def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode one image file as an RGB PIL image; a ``UserError`` naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); re-export it as PNG/JPEG or "
+                        "remove it") from None
+
+
 def load_image(path: str | os.PathLike, image_size: int | Sequence[int]) -> torch.Tensor:
     """Read one image as RGB, center-crop to the target aspect, resize; returns [3, H, W] float32 in [-1, 1].
 
     Raises ``UserError`` naming the file when it cannot be read or decoded.
     """
     h, w = _size(image_size)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); re-export it as PNG/JPEG or "
-                        "remove it") from None
+    im = read_rgb(path)
     iw, ih = im.size
     scale = max(w / iw, h / ih)  # crop the largest centred box with the target aspect ratio
     cw, ch = min(iw, round(w / scale)), min(ih, round(h / scale))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dmd_dar.data.folder import IMAGE_EXTENSIONS
+from dmd_dar.data.folder import IMAGE_EXTENSIONS, read_rgb
 from dmd_dar.data.manifest import MANIFEST_NAME, read_manifest
 from dmd_dar.errors import UserError
 from dmd_dar.metrics.pairing import sample_key
@@ -134,13 +134,7 @@ class ImageSet:
 
     def _decode(self, i: int) -> np.ndarray:
         p = self.files[i]
-        try:
-            with Image.open(p) as im:
-                im.load()
-                im = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f"cannot read image {p} ({type(e).__name__}: {e}); re-export it as PNG or remove "
-                            "it") from None
+        im = read_rgb(p)
         if self._filter is not None:
             im = im.resize((self.size[1], self.size[0]), self._filter, box=self._box, reducing_gap=None)
         arr = np.asarray(im, dtype=np.uint8)  # [H, W, 3]
