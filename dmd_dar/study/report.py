@@ -90,7 +90,9 @@ def collect_detail(suite: StudySuite, runs, metric_files: dict[str, Path]) -> di
         anchors["data"] = {"hf_ratio": A._ci(A._get(rs_, "spectral", "scalars", A.hf_key(m))),
                            "clip_score": A._ci(A._get(rs_, "clip_score", "mean_cos"))}
     reading = detail_reading(suite, rows, health)
-    return {"rows": rows, "per_class": per_class, "anchors": anchors, "reading": reading,
+    # Which perceptual distance filled the "LPIPS" columns (ST-LPIPS when the standard AlexNet trunk is absent).
+    lpips_used = next((A._get(m, "protocol", "models", "lpips") for m in loaded.values()), None)
+    return {"rows": rows, "per_class": per_class, "anchors": anchors, "reading": reading, "lpips_model": lpips_used,
             "health": {n: {k: v for k, v in h.items() if k != "curves"} for n, h in health.items()},
             "_curves": {n: h["curves"] for n, h in health.items()}}
 
@@ -422,6 +424,19 @@ def _md_recipes(recipes: dict[str, Any], suite: StudySuite) -> list[str]:
     return lines
 
 
+def _md_lpips_note(lpips_model: Any) -> list[str]:
+    """One line naming the perceptual distance behind the LPIPS columns (it may be ST-LPIPS offline)."""
+    if not isinstance(lpips_model, dict):
+        return []
+    name = lpips_model.get("name") or lpips_model.get("model") or lpips_model.get("net")
+    ran = A._get(lpips_model, "selection", "ran")
+    comparable = lpips_model.get("comparable_with_lpips", ran != "stlpips_alex")
+    if not name and not ran:
+        return []
+    note = "" if comparable else " (not comparable with published LPIPS numbers)"
+    return [f"LPIPS columns: {name or ran}{note}.", ""]
+
+
 def write_results_md(suite: StudySuite, cfg: StudyConfig, out: Path, det: dict[str, Any] | None,
                      pre: dict[str, Any] | None, command: str, elapsed: float | None) -> Path:
     lines = [f"# Study: {suite.name}", "", suite.description.strip(), "", "Command (from the repository root):", "",
@@ -435,7 +450,8 @@ def write_results_md(suite: StudySuite, cfg: StudyConfig, out: Path, det: dict[s
                   f"Mean ± half-width of the {suite.confidence:.0%} Student-t interval over seeds (one seed: "
                   "`estimate [low, high]`, the run's bootstrap interval over images). Distill budget: "
                   f"{d.steps if d.steps is not None else 'base config'} iterations per run; seeds {list(d.seeds)}.",
-                  "", *_md_table(det, suite, cols), "", *_md_recipes(det.get("recipes", {}), suite)]
+                  "", *_md_table(det, suite, cols), "", *_md_lpips_note(det.get("lpips_model")),
+                  *_md_recipes(det.get("recipes", {}), suite)]
         groups = list(dict.fromkeys(g for pc in det["per_class"] for g in pc["classes"]))
         if groups:
             lines += ["", f"Per class: {A.METRICS['hf_gap_db_vs_teacher'][0]} (same interval convention; the other "
