@@ -11,7 +11,6 @@ YAML is parsed with OmegaConf (safe loading); no code from a config is ever exec
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -141,7 +140,3 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def replace_in(cfg: T, **changes: Any) -> T:
-    return dataclasses.replace(cfg, **changes)

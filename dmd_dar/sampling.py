@@ -6,7 +6,6 @@ conditions start from the same noise: that is what pairs a student's image with 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +140,3 @@ def run(cfg: SampleConfig) -> Path:
     steps = len(meta.student_timesteps) if meta.role == "student" else (cfg.steps or meta.diffusion.sample_steps)
     print(f"wrote {len(records)} images ({meta.role}, {steps} step(s)) to {out}; grid: {out / 'grid.png'}")
     return out
-
-
-def grid_nrow(n: int) -> int:
-    return max(1, int(math.sqrt(n)))
