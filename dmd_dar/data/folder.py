@@ -16,7 +16,6 @@ bicubic filter (antialiased downscaling).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from dmd_dar.errors import UserError
+from dmd_dar.utils.io import iter_jsonl_objects
 
 __all__ = ["ImageFolderDataset", "IMAGE_EXTENSIONS", "load_image"]
 
@@ -151,18 +151,10 @@ class ImageFolderDataset(Dataset):
     @staticmethod
     def _read_captions(path: Path) -> dict[str, str]:
         table: dict[str, str] = {}
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix that line") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) \
-                        or not isinstance(rec.get("caption"), str):
-                    raise UserError(f'{path}:{lineno}: expected {{"file": "<path under root>", "caption": "..."}}')
-                table[Path(rec["file"]).as_posix()] = rec["caption"]
+        for lineno, rec in iter_jsonl_objects(path):
+            if not isinstance(rec.get("file"), str) or not isinstance(rec.get("caption"), str):
+                raise UserError(f'{path}:{lineno}: expected {{"file": "<path under root>", "caption": "..."}}')
+            table[Path(rec["file"]).as_posix()] = rec["caption"]
         return table
 
     @property

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from dmd_dar.errors import UserError
-from dmd_dar.utils.io import atomic_write, atomic_write_text
+from dmd_dar.utils.io import atomic_write, atomic_write_text, iter_jsonl_objects
 
 __all__ = ["MANIFEST_NAME", "write_manifest", "read_manifest", "save_png_folder", "save_grid", "to_uint8",
            "make_grid"]
@@ -53,23 +53,16 @@ def read_manifest(folder: str | os.PathLike, check_files: bool = True) -> list[d
                         '{"file": ...} object per image (write it with dmd_dar.data.manifest.write_manifest)')
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
-                raise UserError(f"{path}:{lineno}: each line must be a JSON object with a string 'file' key")
-            if rec["file"] in seen:
-                raise UserError(f"{path}:{lineno}: file {rec['file']!r} is listed twice; keep one record per image")
-            seen.add(rec["file"])
-            if check_files and not (folder / rec["file"]).is_file():
-                raise UserError(f"{path}:{lineno}: image {rec['file']!r} is missing from {folder}; "
-                                "restore it or drop its line")
-            records.append(rec)
+    for lineno, rec in iter_jsonl_objects(path):
+        if not isinstance(rec.get("file"), str):
+            raise UserError(f"{path}:{lineno}: each line must be a JSON object with a string 'file' key")
+        if rec["file"] in seen:
+            raise UserError(f"{path}:{lineno}: file {rec['file']!r} is listed twice; keep one record per image")
+        seen.add(rec["file"])
+        if check_files and not (folder / rec["file"]).is_file():
+            raise UserError(f"{path}:{lineno}: image {rec['file']!r} is missing from {folder}; "
+                            "restore it or drop its line")
+        records.append(rec)
     if not records:
         raise UserError(f"{path} lists no images; regenerate the sample folder")
     return records

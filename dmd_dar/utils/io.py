@@ -56,6 +56,24 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
+def iter_jsonl_objects(path: str | os.PathLike):
+    """Yield ``(line_number, record)`` for each non-blank line of a JSONL file whose lines are JSON objects.
+
+    A line that is not valid JSON, or not an object, raises a ``UserError`` naming ``path:line``.
+    """
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{lineno}: each line must be a JSON object")
+            yield lineno, rec
+
+
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 hex digest of a file's bytes."""
     import hashlib
