@@ -1,7 +1,7 @@
 """End to end on tiny random pipelines: ``dmd-dar distill`` (diffusers teacher) -> export -> ``dmd-dar sample
 prompt=...`` -> ``dmd-dar eval``, for an SD3-like (CFG, 2-step student, full fine-tuning) and a Flux-like
-(embedded guidance, 1-step, LoRA) teacher; and the same tiny distill in two processes (gloo) with identical
-replicas."""
+(embedded guidance, 1-step, LoRA) teacher; and the same tiny distill in two processes (gloo): DDP with identical
+replicas, FSDP with the same training."""
 
 import json
 import os
@@ -99,24 +99,58 @@ save_file({k: v.contiguous() for k, v in built[0].state_dict().items()}, f"{sys.
 """
 
 
-@pytest.mark.slow
-def test_two_process_distill_gives_identical_replicas(root, tmp_path):
-    """Two CPU processes (torchrun + gloo): the run finishes and both ranks' students are identical."""
-    worker = tmp_path / "worker.py"
+def _two_process_args(root: Path, out: Path) -> list[str]:
+    return distill_args(root, "sd3", out, "t2i.lora_rank=2", "t2i.reference_samples=0")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(root, tmp_path_factory) -> Path:
+    """Two CPU processes (torchrun + gloo), each saving its student: the folder holds the run and both students."""
+    folder = tmp_path_factory.mktemp("t2i_ddp")
+    worker = folder / "worker.py"
     worker.write_text(_WORKER)
-    out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # torchrun, as `accelerate launch --multi_gpu` does; run.cpu=true makes accelerate pick gloo (MULTI_CPU)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(worker), str(tmp_path),
-           *distill_args(root, "sd3", out, "t2i.lora_rank=2", "t2i.reference_samples=0")]
+           str(worker), str(folder), *_two_process_args(root, folder / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_safetensors(tmp_path / "student_rank0.safetensors")
-    b = load_safetensors(tmp_path / "student_rank1.safetensors")
+    return folder
+
+
+@pytest.mark.slow
+def test_two_process_distill_gives_identical_replicas(ddp_run):
+    a = load_safetensors(ddp_run / "student_rank0.safetensors")
+    b = load_safetensors(ddp_run / "student_rank1.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     trained = [k for k in a if "lora_B" in k]
     assert trained and any(a[k].abs().sum() > 0 for k in trained)  # the replicas did train (LoRA B left zero)
-    assert (out / "export" / "dmd_dar_t2i.json").is_file()
+    assert (ddp_run / "run" / "export" / "dmd_dar_t2i.json").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_lora_distill_trains_what_ddp_trains(root, ddp_run, tmp_path):
+    """The same run under accelerate's FSDP (tests/fsdp_cpu.py; attention and feed-forward modules as units, as
+    configs/accelerate/fsdp_8gpu.yaml): the same losses, and the same exported LoRA."""
+    from test_distill_fsdp import FSDP_FLAGS
+
+    flags = [f if f != "Attention,Mlp" else "Attention,FeedForward" for f in FSDP_FLAGS]
+    out = tmp_path / "fsdp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29520",
+           str(ROOT / "tests" / "fsdp_cpu.py"), "dmd_dar.cli", "distill", *_two_process_args(root, out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["sharded"] is True
+    read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for want, got in zip(read(ddp_run / "run"), read(out), strict=True):
+        for key in ("gen/dm_loss", "critic/fake_loss", "critic/grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
+    lora = "lora/adapter_model.safetensors"
+    want, got = load_safetensors(ddp_run / "run" / "export" / lora), load_safetensors(out / "export" / lora)
+    assert want.keys() == got.keys() and any("lora_B" in k for k in got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)

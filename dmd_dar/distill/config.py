@@ -115,7 +115,7 @@ class DistillConfig:
     fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill", steps=1200, batch_size=16,
                                                             sample_every=300, ckpt_every=300))
-    ema_decay: float = 0.99  # 0: no EMA, grids and export use the raw student (required under FSDP)
+    ema_decay: float = 0.99  # 0: no EMA, grids and export use the raw student (FSDP: per-shard EMA)
     debug_grid_every: int = 300  # dump generator / real-score / fake-score x0 grids; 0 disables
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     t2i: T2IConfig = field(default_factory=T2IConfig)  # networks.teacher_kind=diffusers only

@@ -50,8 +50,11 @@ def frozen(*modules: nn.Module | None):
 
 
 def _inner(net: nn.Module) -> nn.Module:
-    """The module inside a DDP/FSDP wrapper: forwards that must not join gradient synchronisation use it."""
-    return getattr(net, "module", net)
+    """The module for forwards that must not join gradient synchronisation: the one inside a DDP wrapper; an FSDP
+    wrapper itself (its root unit gathers the sharded parameters in its pre-forward hook)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return net if isinstance(net, FullyShardedDataParallel) else getattr(net, "module", net)
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
@@ -146,28 +149,48 @@ class DMD2:
                                   "gen/x_std": x.detach().float().std().item()}
         g = dm_gradient(x.detach(), x0_real, x0_fake)
         logs.update(per_bucket_rms(g, t.cpu(), "dm_grad"))
-        loss_gan = None
         if cfg.gan_weight > 0:
-            # Unwrapped fake score and head: their parameters take no part in this step.
-            fake_net, head = _inner(self.fake.net), _inner(self.gan_head)
-            with frozen(fake_net, head):
-                t_g = _uniform(b, 0.0, cfg.gan_max_t, gen).float().to(x.device)
-                x_g = self.path.add_noise(x, torch.randn(x.shape, generator=gen).to(x), t_g).to(x.dtype)
-                logits = head(score_features(fake_net, x_g, t_g, cond, cfg.gan_feature))
-                loss_gan = gan_generator_loss(logits)
+            loss_gan, g_gan, logits = self._gan_generator_grad(x, cond, gen)
             loss = loss + cfg.gan_weight * loss_gan
+            if x.requires_grad:  # chain g_gan (= gan_weight * dL_gan/dx) into the student; the added value is 0
+                surrogate = (x * g_gan).sum()
+                loss = loss + (surrogate - surrogate.detach())
             logs.update({"gen/gan_loss": loss_gan.item(), "gan/logits_gen": logits.mean().item()})
+            if with_diagnostics and x.requires_grad:
+                dm_norm = grad_norm_wrt(cfg.dm_weight * loss_dm, x)
+                logs["gen/gan_to_dm_grad_ratio"] = g_gan.float().norm().item() / max(dm_norm, 1e-12)
         if cfg.regression_weight > 0:
             loss_reg = self._regression_loss(gen, x.device, x.dtype)
             loss = loss + cfg.regression_weight * loss_reg
             logs["gen/regression_loss"] = loss_reg.item()
-        if with_diagnostics and loss_gan is not None and x.requires_grad:
-            dm_norm = grad_norm_wrt(cfg.dm_weight * loss_dm, x)
-            gan_norm = grad_norm_wrt(cfg.gan_weight * loss_gan, x)
-            logs["gen/gan_to_dm_grad_ratio"] = gan_norm / max(dm_norm, 1e-12)
         logs["gen/loss"] = loss.item()
         debug = {"generator": x.detach(), "real_x0": x0_real, "fake_x0": x0_fake, "t": t}
         return loss, logs, debug
+
+    def _gan_generator_grad(self, x: torch.Tensor, cond, gen: torch.Generator
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(GAN generator loss, its gradient w.r.t. the samples ``x`` times gan_weight, logits), in a backward of
+        its own from a detached copy of ``x``, which the generator loss then chains into the student.
+
+        A backward of its own because an FSDP-sharded fake score cannot take part in a partial one (its hooks
+        expect every backward through it to complete) nor have its parameters frozen after wrapping: under FSDP
+        its parameter gradients are computed here and discarded (the critic update clears them first). Under DDP
+        the bare fake score and head run with their parameters frozen, so only the samples get a gradient.
+        """
+        cfg = self.cfg
+        b = x.shape[0]
+        fake_net, head = _inner(self.fake.net), _inner(self.gan_head)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        sharded = isinstance(fake_net, FullyShardedDataParallel)
+        x_leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad(), contextlib.nullcontext() if sharded else frozen(fake_net, head):
+            t_g = _uniform(b, 0.0, cfg.gan_max_t, gen).float().to(x.device)
+            x_g = self.path.add_noise(x_leaf, torch.randn(x.shape, generator=gen).to(x), t_g).to(x.dtype)
+            logits = head(score_features(fake_net, x_g, t_g, cond, cfg.gan_feature))
+            loss_gan = gan_generator_loss(logits)
+            (cfg.gan_weight * loss_gan).backward()
+        return loss_gan.detach(), x_leaf.grad.detach(), logits.detach()
 
     def _regression_loss(self, gen: torch.Generator, device, dtype) -> torch.Tensor:
         pairs = self.regression

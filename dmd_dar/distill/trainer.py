@@ -25,11 +25,12 @@ from dmd_dar.distill.health import BadStepGuard, output_drift
 from dmd_dar.distill.method import DMD2, frozen
 from dmd_dar.distill.task import Batch, DistillTask, NativeTask
 from dmd_dar.errors import UserError
-from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint
+from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint, load_process_state
 from dmd_dar.training.ema import EMA
 from dmd_dar.training.optim import build_optimizer, warmup_schedule
 from dmd_dar.training.run import make_accelerator
 from dmd_dar.training.seeding import derive_seed, seed_step
+from dmd_dar.training.sharding import ShardedEMA, check_distribution, clip_grad_norm, forward_module, is_fsdp
 
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
                      "run.progress", "run.log_with", "run.resume", "debug_grid_every")
@@ -72,6 +73,8 @@ def accumulated_update(accelerator, models: list, optimizer, params: list, grad_
     """
     n = accelerator.gradient_accumulation_steps
     losses, logs = [], []
+    # Normally already clear; under FSDP the generator's GAN pass leaves gradients on the fake score (method.py).
+    optimizer.zero_grad(set_to_none=True)
     for m in range(n):
         with contextlib.ExitStack() as stack:
             if m < n - 1:
@@ -82,7 +85,7 @@ def accumulated_update(accelerator, models: list, optimizer, params: list, grad_
                 accelerator.backward(loss)
         losses.append(loss.detach())
         logs.append(micro_logs)
-    norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    norm = clip_grad_norm(accelerator, params, grad_clip if grad_clip > 0 else math.inf)
     norm = None if norm is None else float(norm)
     # fp16: the grad scaler skips overflowing steps itself (and lowers its scale), so only the losses count here.
     stepped = guard.check(*losses, norm if accelerator.scaler is None else None, phase=phase)
@@ -119,12 +122,8 @@ def run(cfg: DistillConfig) -> Path:
         check_resume_config(DistillConfig, cfg, run_dir, RESUMABLE_CHANGES)
     accelerator = make_accelerator(cfg.run, "distill")
     device = accelerator.device
-    from accelerate.utils import DistributedType
-
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and cfg.ema_decay > 0:
-        raise UserError(f"ema_decay={cfg.ema_decay}: the EMA holds full-size weights and does not support "
-                        f"FSDP-sharded students; set ema_decay=0 to disable it (the raw student is exported)")
+    check_distribution(accelerator, "distill")
+    fsdp = is_fsdp(accelerator)  # sharded networks: see training/sharding.py for what that changes below
     if accelerator.is_main_process:
         save_config(cfg, run_dir)
         print(to_yaml(cfg))
@@ -144,18 +143,26 @@ def run(cfg: DistillConfig) -> Path:
     f_opt = build_optimizer(f_groups, cfg.fake_optim)
     g_sched, f_sched = (warmup_schedule(g_opt, cfg.generator_optim.warmup_steps),
                         warmup_schedule(f_opt, cfg.fake_optim.warmup_steps))
-    ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None  # None: grids and export use the raw student
+    # None: grids and export use the raw student. Under FSDP the EMA averages each process's shard (made below).
+    ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 and not fsdp else None
     guard = BadStepGuard(cfg.max_bad_steps)
     start = 0
     if resume_from is not None:
         nets, opts, state = load_checkpoint(resume_from)
+        if state.get("sharded", False) != fsdp:
+            raise UserError(f"{resume_from} was written by {'an FSDP' if state.get('sharded') else 'a non-FSDP'} run "
+                            f"and this run is {'FSDP' if fsdp else 'not FSDP'}: resume with the launch that wrote it "
+                            f"(or start a new run from its export)")
         student.load_state_dict(nets["generator"])
         fake.load_state_dict(nets["fake_score"])
         if gan_head is not None:
             gan_head.load_state_dict(nets["gan_head"])
         if ema is not None:
             ema.load_state_dict(nets["generator_ema"], state["ema_updates"])
-        for obj, key in ((g_opt, "generator"), (f_opt, "fake"), (g_sched, "generator_sched"), (f_sched, "fake_sched")):
+        restored = ((g_sched, "generator_sched"), (f_sched, "fake_sched"))
+        if not fsdp:  # FSDP: each process's optimizer pieces are restored after prepare (below)
+            restored += ((g_opt, "generator"), (f_opt, "fake"))
+        for obj, key in restored:
             obj.load_state_dict(opts[key])
         start = state["step"]
         guard.total = state.get("bad_steps_total", 0)
@@ -166,6 +173,14 @@ def run(cfg: DistillConfig) -> Path:
     gan_head = prepared[4] if gan_head is not None else None
     if ema is not None:
         ema.model.to(device)
+    if fsdp:
+        ema = ShardedEMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if resume_from is not None:
+            own = load_process_state(resume_from, accelerator.process_index, accelerator.num_processes)
+            g_opt.load_state_dict(own["generator"])
+            f_opt.load_state_dict(own["fake"])
+            if ema is not None:
+                ema.load_state_dict(own["ema"], state["ema_updates"])
     unwrap = accelerator.unwrap_model
     regression = (task.regression_pairs(Path(cfg.method.regression_cache or run_dir), cfg.method.regression_pairs,
                                         cfg.method.regression_steps)
@@ -179,25 +194,34 @@ def run(cfg: DistillConfig) -> Path:
         accelerator.init_trackers("distill")
 
     def save(step: int) -> None:
-        if not accelerator.is_main_process:
-            return
+        """Every process calls it: gathering sharded weights is a collective. The main process writes the
+        checkpoint; under FSDP each process first stages its own optimizer and EMA pieces into it."""
         nets = {"generator": accelerator.get_state_dict(student), "fake_score": accelerator.get_state_dict(fake)}
-        if ema is not None:
-            nets["generator_ema"] = ema.state_dict()
         if gan_head is not None:
             nets["gan_head"] = accelerator.get_state_dict(gan_head)
-        ckpt.save(step, nets, {"generator": g_opt.state_dict(), "fake": f_opt.state_dict(),
-                               "generator_sched": g_sched.state_dict(), "fake_sched": f_sched.state_dict()},
-                  {"ema_updates": ema.num_updates if ema is not None else 0, "bad_steps_total": guard.total})
+        opts = {"generator_sched": g_sched.state_dict(), "fake_sched": f_sched.state_dict()}
+        if fsdp:
+            ckpt.stage_process_state(step, accelerator.process_index, {
+                "generator": g_opt.state_dict(), "fake": f_opt.state_dict(),
+                "ema": ema.state_dict() if ema is not None else {}})
+            accelerator.wait_for_everyone()
+        else:
+            opts.update(generator=g_opt.state_dict(), fake=f_opt.state_dict())
+            if ema is not None:
+                nets["generator_ema"] = ema.state_dict()
+        if accelerator.is_main_process:
+            ckpt.save(step, nets, opts, {"ema_updates": ema.num_updates if ema is not None else 0,
+                                         "bad_steps_total": guard.total, "num_processes": accelerator.num_processes,
+                                         "sharded": fsdp})
+        accelerator.wait_for_everyone()
 
     def sampling_net():
         """The EMA, or the raw student (ema_decay=0), for grids and export. Every process calls it: under FSDP it
         gathers the full weights (a collective) into a plain copy on the main process; None elsewhere."""
-        if ema is not None:
-            return ema.model
         if not fsdp:
-            return unwrap(student)
-        state = accelerator.get_state_dict(student)
+            return ema.model if ema is not None else unwrap(student)
+        with ema.swapped_into(student) if ema is not None else contextlib.nullcontext():
+            state = accelerator.get_state_dict(student)
         if not accelerator.is_main_process:
             return None
         net = task.build_network(cfg.networks.student_routing, False)
@@ -220,8 +244,9 @@ def run(cfg: DistillConfig) -> Path:
         if x_fake[m] is None:  # no generator update this iteration: the current student's samples, no graph
             with torch.no_grad(), accelerator.autocast():
                 x_in, t_in = method.generator_input(b.noise, b.cond, gen, shared, b.real)
-                x_fake[m] = Denoiser(unwrap(student), path, null).x0(x_in, t_in, b.cond).to(b.noise.dtype)
-        with accelerator.autocast(), frozen(unwrap(student)):
+                x_fake[m] = Denoiser(forward_module(accelerator, student), path, null).x0(
+                    x_in, t_in, b.cond).to(b.noise.dtype)
+        with accelerator.autocast(), frozen(forward_module(accelerator, student)):
             return method.critic_step(x_fake[m], b.cond, gen, b.real, b.real_cond)
 
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="distill",
@@ -246,7 +271,7 @@ def run(cfg: DistillConfig) -> Path:
                 if cfg.generator_optim.grad_clip > 0 and norm is not None:
                     logs["gen/grad_norm"] = norm
                 if ema is not None:
-                    ema.update(unwrap(student))
+                    ema.update(student if fsdp else unwrap(student))
             g_sched.step()
             if reference is not None:
                 logs.update(output_drift(torch.cat(x_fake), reference["mean"], reference["std"]))
@@ -277,18 +302,18 @@ def run(cfg: DistillConfig) -> Path:
         if cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0:
             save(done)
     accelerator.wait_for_everyone()
-    identical = replicas_identical(accelerator, student)
+    identical = None if fsdp else replicas_identical(accelerator, student)  # FSDP: no replicas, one sharded copy
     export = run_dir / "export"
     net = sampling_net()
+    if cfg.run.steps > start and (not cfg.run.ckpt_every or cfg.run.steps % cfg.run.ckpt_every):
+        save(cfg.run.steps)
     if accelerator.is_main_process:
-        if cfg.run.steps > start and (not cfg.run.ckpt_every or cfg.run.steps % cfg.run.ckpt_every):
-            save(cfg.run.steps)
         task.export(net, export)
         _sample_grid(task, net, export / "samples_grid.png")
         summary = {"steps": cfg.run.steps, "bad_steps_total": guard.total, "student_timesteps": task.student_times,
-                   "num_processes": accelerator.num_processes, "replicas_identical": identical}
+                   "num_processes": accelerator.num_processes, "sharded": fsdp, "replicas_identical": identical}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if not identical:
+        if identical is False:
             accelerator.print("warning: the generator replicas differ across processes (see summary.json)")
         accelerator.print(f"student exported to {export}")
     accelerator.end_training()

@@ -25,6 +25,7 @@ from dmd_dar.training.ema import EMA
 from dmd_dar.training.optim import OptimConfig, build_optimizer, warmup_schedule
 from dmd_dar.training.run import RunConfig, make_accelerator
 from dmd_dar.training.seeding import derive_seed, seed_step
+from dmd_dar.training.sharding import check_distribution
 
 # Keys that may change between a run and its resume (how long / how often, not what is trained).
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
@@ -53,6 +54,7 @@ def run(cfg: TeacherConfig) -> Path:
     if resume_from is not None:
         check_resume_config(TeacherConfig, cfg, run_dir, RESUMABLE_CHANGES)
     accelerator = make_accelerator(cfg.run, "train-teacher")
+    check_distribution(accelerator, "train-teacher", fsdp_supported=False)
     if accelerator.is_main_process:
         save_config(cfg, run_dir)
         print(to_yaml(cfg))

@@ -1,0 +1,158 @@
+"""What changes when the trained networks are FSDP-sharded (accelerate's FSDP, version 1, ``use_orig_params``).
+
+Under FSDP every process holds one flat shard of each wrapped unit; the original parameters are 1-D views of the
+local piece (often empty). Four things in a training loop stop working the DDP way, and this module holds their
+sharded forms:
+
+- the gradient norm: each element of a FULL_SHARD / SHARD_GRAD_OP flat parameter lives on exactly one process,
+  so the squared norms of the local pieces are summed over processes (``clip_grad_norm``);
+- the full weights: ``accelerator.get_state_dict`` is a collective that every process must enter (the trainer's
+  checkpoint and export paths call it everywhere, and only the main process writes);
+- optimizer state and the EMA: kept per process, for the local pieces, and checkpointed per process
+  (``ShardedEMA``; exact resume needs the same number of processes and the same wrapping);
+- forwards that must not touch gradients go through the wrapper (``forward_module``): the root unit gathers its
+  own parameters (embedders, adaLN, routers) in its pre-forward hook, so the bare inner module cannot run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+from torch import nn
+
+from dmd_dar.errors import UserError
+
+SUPPORTED_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+
+
+def fsdp_requested() -> bool:
+    """Whether ``accelerate launch`` was configured for FSDP (it exports ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_distribution(accelerator, command: str, fsdp_supported: bool = True) -> None:
+    """Fail fast when the launch asked for FSDP but the run would silently be something else.
+
+    accelerate only sets FSDP up on accelerator devices: on a CPU-only machine the same launch becomes plain DDP
+    (``run.cpu=true``) or N independent single-process runs writing into one folder.
+    """
+    if fsdp_requested() and not is_fsdp(accelerator):
+        raise UserError(f"the accelerate config asks for FSDP, but accelerate set up {accelerator.distributed_type} "
+                        f"on {accelerator.device}: it runs FSDP only on GPUs (CUDA, XPU, NPU, ...). Launch with "
+                        f"a DDP config (e.g. configs/accelerate/ddp_8gpu.yaml, or --multi_gpu) on this machine")
+    if not is_fsdp(accelerator):
+        return
+    if not fsdp_supported:
+        raise UserError(f"dmd-dar {command} does not support FSDP; launch it with DDP (configs/accelerate/ddp_8gpu.yaml)"
+                        f" — FSDP is for `dmd-dar distill` of large teachers")
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) != 1:
+        raise UserError(f"fsdp_version={plugin.fsdp_version}: dmd-dar {command} supports FSDP version 1; set "
+                        f"fsdp_version: 1 in the accelerate config (see configs/accelerate/fsdp_8gpu.yaml)")
+    if not plugin.use_orig_params:
+        raise UserError("fsdp_use_orig_params=false: dmd-dar needs fsdp_use_orig_params: true (per-parameter "
+                        "requires_grad for LoRA and the router parameter groups); set it in the accelerate config")
+    strategy = getattr(plugin.sharding_strategy, "name", str(plugin.sharding_strategy))
+    if strategy not in SUPPORTED_STRATEGIES:
+        raise UserError(f"fsdp_sharding_strategy={strategy}: dmd-dar supports {', '.join(SUPPORTED_STRATEGIES)} "
+                        f"(the hybrid strategies replicate shards across nodes, which the gradient norm and the "
+                        f"per-process checkpoints do not account for)")
+
+
+def _sharded_strategy(accelerator) -> bool:
+    strategy = accelerator.state.fsdp_plugin.sharding_strategy
+    return getattr(strategy, "name", str(strategy)) != "NO_SHARD"
+
+
+def forward_module(accelerator, model: nn.Module) -> nn.Module:
+    """The module to call for a forward outside gradient synchronisation (no-grad forwards, frozen-parameter
+    passes): the bare module under DDP (no reducer, no buffer broadcast), the wrapper itself under FSDP."""
+    return model if is_fsdp(accelerator) else accelerator.unwrap_model(model)
+
+
+@torch.no_grad()
+def clip_grad_norm(accelerator, params: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+    """Clip the joint gradient of ``params`` (possibly spanning several prepared models) to ``max_norm`` and
+    return its norm before clipping, under DDP and FSDP alike (``math.inf``: measure only)."""
+    if not is_fsdp(accelerator):
+        return accelerator.clip_grad_norm_(params, max_norm)
+    accelerator.unscale_gradients()
+    grads = [p.grad for p in params if p.grad is not None]
+    device = accelerator.device
+    local = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        if g.numel():
+            local += g.detach().double().pow(2).sum()
+    if _sharded_strategy(accelerator):  # each element lives on one process: add the pieces up
+        torch.distributed.all_reduce(local)
+    norm = local.sqrt()
+    if math.isfinite(max_norm) and grads:
+        coef = min(1.0, max_norm / (norm.item() + 1e-6))  # a number: offloaded gradients live on the CPU
+        if coef < 1.0:
+            torch._foreach_mul_([g for g in grads if g.numel()], coef)
+    return norm.float()
+
+
+class ShardedEMA:
+    """The EMA of an FSDP-sharded model's local parameter pieces (each process averages what it holds).
+
+    ``swapped_into(model)`` puts the averages into the live model for the duration of a ``with`` block, so the
+    full EMA weights can be gathered with the same collective as the raw ones; the raw weights come back after.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup = decay, warmup
+        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.num_updates = 0
+
+    def current_decay(self) -> float:  # the same ramp as ``training.ema.EMA``
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = [(self.shadow[name], p.detach()) for name, p in model.named_parameters() if p.numel()]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p.to(e.dtype) for e, p in pairs], 1.0 - self.current_decay())
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module):
+        params = dict(model.named_parameters())
+        raw = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(self.shadow[name])
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(raw[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise UserError(f"the checkpoint's EMA shard does not match this run's wrapping (keys differ: "
+                            f"{sorted(missing)[:4]}...); resume with the same accelerate config and process count")
+        for name, value in state.items():
+            if value.shape != self.shadow[name].shape:
+                raise UserError(f"EMA shard {name}: checkpoint {tuple(value.shape)} vs run "
+                                f"{tuple(self.shadow[name].shape)}; resume with the same number of processes")
+            self.shadow[name].copy_(value)
+        self.num_updates = num_updates
