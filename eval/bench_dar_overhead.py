@@ -2,7 +2,7 @@
 
 For each model size, one backbone (random weights, non-zero adaLN so every sublayer does real work) is run with
 each router in turn: residual, DAR static_t c4, dynamic c4 and dense (S = 1) static_t, each DAR variant with the
-lean autograd function and with the reference path. Per variant: the median time of a full forward + backward
+lean autograd function (in each of its layouts: ``stacked``, ``per_source``) and with the reference path. Per variant: the median time of a full forward + backward
 (loss = mean(out^2)), and a memory measure:
 
 - CUDA: peak allocated bytes during the step above the bytes allocated before it (activations + temporaries;
@@ -13,7 +13,8 @@ lean autograd function and with the reference path. Per variant: the median time
 Variants are interleaved (one step of each, in rotating order, per timed round) so that drift of the machine
 (clocks, other jobs on shared cores) hits every variant alike.
 
-    python eval/bench_dar_overhead.py --device cpu
+    python eval/bench_dar_overhead.py --device cpu                       # both sizes, both lean layouts
+    python eval/bench_dar_overhead.py --device cpu --sizes embedded --layouts per_source
     python eval/bench_dar_overhead.py --device cuda --dtype bf16 --batch 32 --json bench.json
 """
 
@@ -35,13 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmd_dar.models import ModelConfig, build_model  # noqa: E402
 from dmd_dar.routing import RoutingConfig, build_router  # noqa: E402
+from dmd_dar.routing.config import LEAN_LAYOUTS  # noqa: E402
 
 SIZES = {
     # SiT-XL/2 width and depth on 256^2 images through the SD-VAE: 32x32x4 latents, patch 2 -> 256 tokens.
     "xl": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
                num_classes=1000),
-    "embedded": dict(image_size=32, in_channels=3, patch_size=4, hidden_size=192, depth=6, num_heads=6,
-                     num_classes=10),
+    # The embedded teacher's architecture (ModelConfig's defaults: d 128, depth 6, 4 heads, patch 4, 8 classes).
+    "embedded": {k: getattr(ModelConfig(), k) for k in ("image_size", "in_channels", "patch_size", "hidden_size",
+                                                        "depth", "num_heads", "num_classes")},
 }
 # (name, routing or None for residual); each DAR variant runs lean and reference.
 VARIANTS = [
@@ -65,7 +68,7 @@ DEFAULTS = {
 @dataclass
 class Variant:
     label: str  # e.g. "static_t c4"
-    path: str  # "lean", "reference" or "-" (residual)
+    path: str  # "lean/<layout>", "reference" or "-" (residual)
     router: torch.nn.Module
     times: list[float]
     memory: int = 0
@@ -125,13 +128,16 @@ def bench_size(size: str, args, device: torch.device) -> list[dict]:
     model.train()
     n, dim = cfg.num_sublayers, cfg.hidden_size
     variants = [Variant("residual", "-", model.router, [])]
+    paths = [f"lean/{layout}" for layout in args.layouts] + (["reference"] if reference else [])
     for label, kw in VARIANTS:
-        for lean in (True, False) if reference else (True,):
-            router = build_router(RoutingConfig(**kw, lean=lean), n, dim).to(device)
+        for path in paths:
+            lean = path.startswith("lean/")
+            routing = RoutingConfig(**kw, lean=lean, lean_layout=path.split("/")[1] if lean else "auto")
+            router = build_router(routing, n, dim).to(device)
             with torch.no_grad():  # non-trivial routing weights
                 for p in router.parameters():
                     p.add_(0.02 * torch.randn_like(p))
-            variants.append(Variant(label, "lean" if lean else "reference", router, []))
+            variants.append(Variant(label, path, router, []))
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     t = torch.rand(batch, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
@@ -199,7 +205,7 @@ def bench_size(size: str, args, device: torch.device) -> list[dict]:
                    time_ms=1e3 * med, time_ratio=med / base_time, memory_mb=v.memory / 2**20,
                    memory_ratio=v.memory / base_mem if base_mem else float("nan"), saved_mb=v.saved / 2**20,
                    router_params=sum(p.numel() for p in v.router.parameters()))
-        if v.path == "lean":
+        if v.path.startswith("lean/"):
             target = TIME_TARGETS.get(v.label)
             row["time_target"] = target
             row["time_pass"] = None if target is None else row["time_ratio"] <= target
@@ -217,22 +223,23 @@ def print_table(rows: list[dict], device: str, dtype: str) -> None:
     mem_name = "peak MB" if device == "cuda" else "saved MB"
     print(f"\nDAR overhead, forward+backward, device={device} dtype={dtype} "
           f"(memory = {'CUDA peak above start' if device == 'cuda' else 'autograd-saved activations'})")
-    head = (f"{'size':9} {'variant':15} {'path':9} {'batch':>5} {'ms':>9} {'time x':>7} {mem_name:>9} "
+    head = (f"{'size':9} {'variant':15} {'path':16} {'batch':>5} {'ms':>9} {'time x':>7} {mem_name:>9} "
             f"{'mem x':>6} {'target':>14} {'time':>5} {'mem':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if r.get("failed"):
-            print(f"{r['size']:9} {r['variant']:15} {r['path']:9} {r['batch']:>5} {r['failed']:>9}")
+            print(f"{r['size']:9} {r['variant']:15} {r['path']:16} {r['batch']:>5} {r['failed']:>9}")
             continue
         target = ""
-        if r["path"] == "lean":
+        lean = r["path"].startswith("lean/")
+        if lean:
             tt = r.get("time_target")
             target = (f"t<={tt:.2f} " if tt else "") + f"m<={r['memory_target']:.1f}"
-        print(f"{r['size']:9} {r['variant']:15} {r['path']:9} {r['batch']:>5} {r['time_ms']:9.1f} "
+        print(f"{r['size']:9} {r['variant']:15} {r['path']:16} {r['batch']:>5} {r['time_ms']:9.1f} "
               f"{r['time_ratio']:7.3f} {r['memory_mb']:9.1f} {r['memory_ratio']:6.3f} {target:>14} "
-              f"{_fmt_pass(r.get('time_pass')) if r['path'] == 'lean' else '':>5} "
-              f"{_fmt_pass(r.get('memory_pass')) if r['path'] == 'lean' else '':>5}")
+              f"{_fmt_pass(r.get('time_pass')) if lean else '':>5} "
+              f"{_fmt_pass(r.get('memory_pass')) if lean else '':>5}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default per size and device)")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                         help="also run the reference (non-lean) aggregation (default: on, except XL on CPU)")
+    parser.add_argument("--layouts", default=None,
+                        help="comma-separated lean layouts to run: stacked, per_source (default: both on CPU, "
+                             "stacked on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this file")
     args = parser.parse_args(argv)
@@ -256,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda but CUDA is not available")
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be >= 1")
+    default_layouts = "stacked,per_source" if args.device == "cpu" else "stacked"
+    args.layouts = [s.strip() for s in (args.layouts or default_layouts).split(",") if s.strip()]
+    bad = [s for s in args.layouts if s not in LEAN_LAYOUTS[1:]]
+    if bad or not args.layouts:
+        parser.error(f"unknown layout(s) {bad}; choose from {list(LEAN_LAYOUTS[1:])}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -66,16 +66,17 @@ def _random_sources(n=5, b=2, t=3, d=8, dtype=torch.float64):
     return [torch.randn(b, t, d, dtype=dtype, requires_grad=True) for _ in range(n)]
 
 
+@pytest.mark.parametrize("layout", ["stacked", "per_source"])
 @pytest.mark.parametrize("query_tokens", [1, 3])
 @pytest.mark.parametrize("count_scale", [False, True])
-def test_lean_matches_reference_forward_and_backward(query_tokens, count_scale):
+def test_lean_matches_reference_forward_and_backward(query_tokens, count_scale, layout):
     src = _random_sources()
     q = torch.randn(2, query_tokens, 8, dtype=torch.float64, requires_grad=True)
     gain = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_()
     h_ref, a_ref = aggregate_reference(src, q, gain, 1e-6, count_scale)
     w = torch.randn_like(h_ref)
     grads_ref = torch.autograd.grad((h_ref * w).sum(), [q, gain, *src])
-    h, a = aggregate_lean(src, q, gain, 1e-6, count_scale)
+    h, a = aggregate_lean(src, q, gain, 1e-6, count_scale, layout)
     grads = torch.autograd.grad((h * w).sum(), [q, gain, *src])
     torch.testing.assert_close(h, h_ref)
     torch.testing.assert_close(a, a_ref.to(a.dtype))
@@ -83,11 +84,12 @@ def test_lean_matches_reference_forward_and_backward(query_tokens, count_scale):
         torch.testing.assert_close(g, g_ref)
 
 
-def test_lean_gradcheck():
+@pytest.mark.parametrize("layout", ["stacked", "per_source"])
+def test_lean_gradcheck(layout):
     src = _random_sources(n=3, b=1, t=2, d=4)
     q = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)
     gain = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, g, *s: aggregate_lean(list(s), q, g, 1e-6, False)[0],
+    assert torch.autograd.gradcheck(lambda q, g, *s: aggregate_lean(list(s), q, g, 1e-6, False, layout)[0],
                                     (q, gain, *src))
 
 
@@ -103,9 +105,10 @@ def test_weights_are_softmax_over_depth_and_sum_to_one():
     torch.testing.assert_close(h0, torch.stack(src).mean(0).float().detach())
 
 
-def test_softmax_runs_in_fp32_for_bf16_sources():
+@pytest.mark.parametrize("layout", ["stacked", "per_source"])
+def test_softmax_runs_in_fp32_for_bf16_sources(layout):
     src = [s.detach().to(torch.bfloat16) for s in _random_sources()]
-    h, alpha = aggregate_lean(src, torch.randn(2, 1, 8), torch.ones(8), 1e-6, False)
+    h, alpha = aggregate_lean(src, torch.randn(2, 1, 8), torch.ones(8), 1e-6, False, layout)
     assert h.dtype == torch.bfloat16 and alpha.dtype == torch.float32
     torch.testing.assert_close(alpha.sum(0), torch.ones(2, 3))
 

@@ -11,6 +11,7 @@ QUERIES = ("static", "static_t", "dynamic")
 SUMMARIES = ("last", "sum")
 SCALES = ("convex", "count")
 TIME_GAINS = ("fixed", "learned")
+LEAN_LAYOUTS = ("auto", "stacked", "per_source")
 
 
 @dataclass
@@ -29,6 +30,8 @@ class RoutingConfig:
                 zero-initialised t-embedder output layer); "learned" uses a zero-initialised per-aggregator gain
                 g_l * e(t), so a pretrained t-embedder does not perturb the routing at step 0.
     lean:       use the memory-lean autograd function (recomputes the RMSNorm keys in backward).
+    lean_layout: how the lean function walks the sources: "stacked" (batched ops over a transient stack, for
+                accelerators), "per_source" (a loop, no stack: faster on CPU), "auto" (by device). Same results.
     """
 
     kind: str = "residual"
@@ -39,6 +42,7 @@ class RoutingConfig:
     time_gain: str = "fixed"
     norm_eps: float = 1e-6
     lean: bool = True
+    lean_layout: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,6 +54,7 @@ class RoutingConfig:
             ("summary", self.summary, SUMMARIES),
             ("scale", self.scale, SCALES),
             ("time_gain", self.time_gain, TIME_GAINS),
+            ("lean_layout", self.lean_layout, LEAN_LAYOUTS),
         ):
             if value not in allowed:
                 raise UserError(f"routing.{name}={value!r} is not valid; choose one of {', '.join(allowed)}")

@@ -89,8 +89,11 @@ class DepthAggregator(nn.Module):
     def forward(self, sources: list[torch.Tensor], previous: torch.Tensor,
                 t_emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         query = self.make_query(previous, t_emb)
-        fn = aggregate_lean if self.cfg.lean else aggregate_reference
-        return fn(sources, query, self.norm_gain, self.cfg.norm_eps, self.cfg.scale == "count")
+        count_scale = self.cfg.scale == "count"
+        if not self.cfg.lean:
+            return aggregate_reference(sources, query, self.norm_gain, self.cfg.norm_eps, count_scale)
+        layout = None if self.cfg.lean_layout == "auto" else self.cfg.lean_layout
+        return aggregate_lean(sources, query, self.norm_gain, self.cfg.norm_eps, count_scale, layout)
 
 
 class DARRouter(nn.Module):
