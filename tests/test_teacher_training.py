@@ -63,3 +63,36 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     assert main(["sample", f"checkpoint={folder}"]) == 2
     assert str(folder) in capsys.readouterr().err
+
+
+def test_cosine_schedule_warms_up_then_decays_towards_zero_at_the_last_update():
+    import math
+
+    import torch
+
+    from dmd_dar.training.optim import OptimConfig, build_optimizer, lr_schedule
+
+    def lrs(decay: str) -> list[float]:
+        cfg = OptimConfig(lr=1.0, warmup_steps=4, decay=decay)
+        opt = build_optimizer([{"params": [torch.zeros(1, requires_grad=True)]}], cfg)
+        sched, out = lr_schedule(opt, cfg, total_updates=12), []
+        for _ in range(12):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    cosine, constant = lrs("cosine"), lrs("constant")
+    assert cosine[:4] == constant[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert constant[4:] == [1.0] * 8
+    # update k >= 4 uses 0.5 (1 + cos(pi (k - 4) / 8)): the full rate right after the warm-up, then strictly
+    # decreasing; the last update still gets a small positive rate (0 would be one wasted update)
+    assert cosine[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * (k - 4) / 8)) for k in range(4, 12)])
+    assert all(a > b for a, b in zip(cosine[4:], cosine[5:])) and 0 < cosine[-1] < 0.05
+
+
+def test_cosine_decay_makes_the_step_count_part_of_the_resume_check(tmp_path, capsys):
+    assert main(_args(tmp_path / "run", 2, "optim.decay=cosine")) == 0
+    assert main(_args(tmp_path / "run", 4, "optim.decay=cosine")) == 2  # constant decay would resume
+    assert "run.steps" in capsys.readouterr().err
+    assert main(_args(tmp_path / "const", 2)) == 0 and main(_args(tmp_path / "const", 4)) == 0

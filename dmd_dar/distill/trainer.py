@@ -27,7 +27,7 @@ from dmd_dar.distill.task import Batch, DistillTask, NativeTask
 from dmd_dar.errors import UserError
 from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint, load_process_state
 from dmd_dar.training.ema import EMA
-from dmd_dar.training.optim import build_optimizer, warmup_schedule
+from dmd_dar.training.optim import build_optimizer, lr_schedule, resumable_changes
 from dmd_dar.training.run import make_accelerator
 from dmd_dar.training.seeding import derive_seed, seed_step
 from dmd_dar.training.sharding import ShardedEMA, check_distribution, clip_grad_norm, forward_module, is_fsdp
@@ -119,7 +119,8 @@ def run(cfg: DistillConfig) -> Path:
     ckpt = Checkpointer(run_dir, keep=cfg.run.keep_checkpoints)
     resume_from = ckpt.latest() if cfg.run.resume else None
     if resume_from is not None:
-        check_resume_config(DistillConfig, cfg, run_dir, RESUMABLE_CHANGES)
+        check_resume_config(DistillConfig, cfg, run_dir,
+                            resumable_changes(RESUMABLE_CHANGES, cfg.generator_optim, cfg.fake_optim))
     accelerator = make_accelerator(cfg.run, "distill")
     device = accelerator.device
     check_distribution(accelerator, "distill")
@@ -141,8 +142,8 @@ def run(cfg: DistillConfig) -> Path:
     if gan_head is not None:
         f_groups.append({"params": list(gan_head.parameters()), "lr": cfg.fake_optim.lr, "weight_decay": 0.0})
     f_opt = build_optimizer(f_groups, cfg.fake_optim)
-    g_sched, f_sched = (warmup_schedule(g_opt, cfg.generator_optim.warmup_steps),
-                        warmup_schedule(f_opt, cfg.fake_optim.warmup_steps))
+    g_sched = lr_schedule(g_opt, cfg.generator_optim, math.ceil(cfg.run.steps / cfg.method.ttur))  # its updates
+    f_sched = lr_schedule(f_opt, cfg.fake_optim, cfg.run.steps)
     # None: grids and export use the raw student. Under FSDP the EMA averages each process's shard (made below).
     ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 and not fsdp else None
     guard = BadStepGuard(cfg.max_bad_steps)

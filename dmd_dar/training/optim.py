@@ -1,12 +1,16 @@
-"""AdamW with a linear warm-up then constant learning rate (DMD2's ``constant_with_warmup``)."""
+"""AdamW with a linear warm-up, then a constant learning rate (DMD2's ``constant_with_warmup``, the default) or a
+cosine decay to zero at the last step."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from dmd_dar.errors import UserError
+
+DECAYS = ("constant", "cosine")
 
 
 @dataclass
@@ -17,8 +21,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    decay: str = "constant"  # after the warm-up: "constant" or "cosine" (to 0 at the run's last update)
 
     def __post_init__(self) -> None:
+        if self.decay not in DECAYS:
+            raise UserError(f"optim.decay={self.decay!r}; choose one of {', '.join(DECAYS)}")
         if self.lr <= 0:
             raise UserError(f"optim.lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
@@ -30,6 +37,24 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_updates: int
+                ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``cfg.warmup_steps`` updates, then constant or a cosine decay from the full rate to 0
+    just after update ``total_updates`` (so with ``decay=cosine`` the run length is part of the schedule)."""
+    warmup = max(1, cfg.warmup_steps)
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup)
+        if cfg.decay == "constant" or step < cfg.warmup_steps:
+            return ramp
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resumable_changes(keys: tuple[str, ...], *configs: OptimConfig) -> tuple[str, ...]:
+    """``keys`` without ``run.steps`` when a cosine decay makes the run length part of the schedule."""
+    if any(c.decay == "cosine" for c in configs):
+        return tuple(k for k in keys if k != "run.steps")
+    return keys

@@ -22,7 +22,7 @@ from dmd_dar.models import ModelConfig, build_model, param_groups
 from dmd_dar.training.batches import DataConfig, make_dataset, step_batches
 from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint
 from dmd_dar.training.ema import EMA
-from dmd_dar.training.optim import OptimConfig, build_optimizer, warmup_schedule
+from dmd_dar.training.optim import OptimConfig, build_optimizer, lr_schedule, resumable_changes
 from dmd_dar.training.run import RunConfig, make_accelerator
 from dmd_dar.training.seeding import derive_seed, seed_step
 from dmd_dar.training.sharding import check_distribution
@@ -52,7 +52,7 @@ def run(cfg: TeacherConfig) -> Path:
     ckpt = Checkpointer(run_dir, keep=cfg.run.keep_checkpoints)
     resume_from = ckpt.latest() if cfg.run.resume else None
     if resume_from is not None:
-        check_resume_config(TeacherConfig, cfg, run_dir, RESUMABLE_CHANGES)
+        check_resume_config(TeacherConfig, cfg, run_dir, resumable_changes(RESUMABLE_CHANGES, cfg.optim))
     accelerator = make_accelerator(cfg.run, "train-teacher")
     check_distribution(accelerator, "train-teacher", fsdp_supported=False)
     if accelerator.is_main_process:
@@ -69,7 +69,7 @@ def run(cfg: TeacherConfig) -> Path:
     model = build_model(cfg.model)
     optimizer = build_optimizer(param_groups(model, cfg.optim.lr, cfg.optim.routing_lr, cfg.optim.weight_decay),
                                 cfg.optim)
-    scheduler = warmup_schedule(optimizer, cfg.optim.warmup_steps)
+    scheduler = lr_schedule(optimizer, cfg.optim, cfg.run.steps)
     ema = EMA(model, cfg.ema_decay)
     start = 0
     if resume_from is not None:
