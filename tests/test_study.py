@@ -207,6 +207,27 @@ def test_seed_interval_is_student_t_and_overlap_rule():
         "supported")
 
 
+def test_paired_rule_uses_per_seed_differences():
+    """Two variants whose seeds move together: unpaired intervals overlap, the per-seed differences do not."""
+    base = A.over_seeds([{"estimate": v, "low": v, "high": v} for v in (1.0, 2.0, 3.0)], 0.95, [0, 1, 2])
+    shifted = A.over_seeds([{"estimate": v + 0.1 + e, "low": 0, "high": 0} for v, e in
+                            ((1.0, 0.01), (2.0, -0.01), (3.0, 0.0))], 0.95, [0, 1, 2])
+    assert A.overlap(shifted, base)
+    d = A.paired_difference(shifted, base, 0.95)
+    # differences 0.11, 0.09, 0.10: mean 0.1, sd 0.01, half-width t_{0.975,2} * 0.01 / sqrt(3)
+    assert np.isclose(d["estimate"], 0.1) and np.isclose(d["half_width"], 4.302653 * 0.01 / np.sqrt(3), atol=1e-6)
+    c = A.compare_cells("fd_vs_data", shifted, base, "DAR", "residual")
+    assert c["significant"] and c["better"] is False and "paired difference +0.1" in c["text"]
+    # seeds are matched by id, not by position; one common seed is not enough to pair
+    reordered = A.over_seeds([{"estimate": 3.1, "low": 0, "high": 0}, {"estimate": 1.1, "low": 0, "high": 0},
+                              {"estimate": 2.1, "low": 0, "high": 0}], 0.95, [2, 0, 1])
+    assert np.isclose(A.paired_difference(reordered, base, 0.95)["half_width"], 0.0)
+    lone = A.over_seeds([{"estimate": 5.0, "low": 4.0, "high": 6.0}], 0.95, [1])
+    assert A.paired_difference(lone, base, 0.95) is None
+    assert "intervals overlap" in A.compare_cells("fd_vs_data", lone, {"estimate": 5.5, "low": 5, "high": 6},
+                                                  "a", "b")["text"]
+
+
 def test_embedded_suite_budgets_and_quick_block():
     suite_file = REPO / "eval" / "study" / "embedded.yaml"
     full, quick = load_study(suite_file), load_study(suite_file, quick=True)

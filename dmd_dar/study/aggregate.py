@@ -2,8 +2,12 @@
 
 Intervals over seeds are Student-t intervals of the mean of the per-run estimates (``confidence``, n - 1 degrees of
 freedom); with a single seed the run's own bootstrap interval (over images) is shown instead and labelled so.
-The reading calls two variants different only when their intervals do not overlap, a deliberately conservative
-rule (overlapping 95 % intervals can still hide a difference at the 5 % level).
+
+The reading compares each variant with the baseline. The runs of one seed are paired across variants (same data
+order, same noise, same initial function: DAR starts equal to the residual model), so with two or more common seeds
+it calls a difference when the paired interval of the per-seed differences (variant - baseline, Student t) excludes
+0; that removes what the seeds share, which unpaired intervals leave in. With one seed it falls back to the
+conservative rule that the two bootstrap intervals do not overlap.
 """
 
 from __future__ import annotations
@@ -91,23 +95,45 @@ def extract_per_class(metrics: dict[str, Any], name: str) -> dict[str, dict[str,
     return out
 
 
-def over_seeds(cis: list[dict[str, float] | None], confidence: float) -> dict[str, Any] | None:
-    """Mean and interval of per-seed estimates (Student t); one seed: that run's bootstrap interval."""
-    vals = [c for c in cis if c is not None]
-    if not vals:
+def over_seeds(cis: list[dict[str, float] | None], confidence: float,
+               seeds: list[int] | None = None) -> dict[str, Any] | None:
+    """Mean and interval of per-seed estimates (Student t); one seed: that run's bootstrap interval.
+    ``seeds`` (aligned with ``cis``) are recorded next to ``per_seed`` so that variants can be paired later."""
+    kept = [(s, c) for s, c in zip(seeds if seeds is not None else range(len(cis)), cis) if c is not None]
+    if not kept:
         return None
-    est = np.array([c["estimate"] for c in vals], dtype=np.float64)
+    est = np.array([c["estimate"] for _, c in kept], dtype=np.float64)
+    tags = {"per_seed": est.tolist()} | ({"seeds": [s for s, _ in kept]} if seeds is not None else {})
     n = len(est)
     if n == 1:
-        return {"estimate": float(est[0]), "low": vals[0]["low"], "high": vals[0]["high"], "n": 1,
-                "per_seed": est.tolist(), "method": "bootstrap over images (one seed)"}
+        return {"estimate": float(est[0]), "low": kept[0][1]["low"], "high": kept[0][1]["high"], "n": 1, **tags,
+                "method": "bootstrap over images (one seed)"}
+    m, half, sd = _t_interval(est, confidence)
+    return {"estimate": m, "low": m - half, "high": m + half, "half_width": half, "std": sd, "n": n, **tags,
+            "method": f"Student t over {n} seeds"}
+
+
+def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """(mean, half-width, sd) of the Student-t interval of the mean of ``values`` (n >= 2)."""
     from scipy import stats
 
-    sd = float(est.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    m = float(est.mean())
-    return {"estimate": m, "low": m - half, "high": m + half, "half_width": half, "std": sd, "n": n,
-            "per_seed": est.tolist(), "method": f"Student t over {n} seeds"}
+    n = len(values)
+    sd = float(values.std(ddof=1))
+    return float(values.mean()), float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n), sd
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any], confidence: float) -> dict[str, Any] | None:
+    """Interval of the mean per-seed difference a - b over the seeds both cells hold (paired Student t); None
+    with fewer than two common seeds or cells without seed tags."""
+    if "seeds" not in a or "seeds" not in b:
+        return None
+    va, vb = dict(zip(a["seeds"], a["per_seed"])), dict(zip(b["seeds"], b["per_seed"]))
+    common = [s for s in va if s in vb]
+    if len(common) < 2:
+        return None
+    m, half, sd = _t_interval(np.array([va[s] - vb[s] for s in common], dtype=np.float64), confidence)
+    return {"estimate": m, "low": m - half, "high": m + half, "half_width": half, "std": sd, "n": len(common),
+            "seeds": common, "method": f"paired Student t over {len(common)} seeds"}
 
 
 def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -188,14 +214,24 @@ def _better(key: str, a: float, b: float) -> bool | None:
     return None
 
 
-def compare_cells(key: str, a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> dict[str, Any]:
-    """One metric of variant ``a`` against the baseline ``b`` with the overlap rule."""
+def compare_cells(key: str, a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str,
+                  confidence: float = 0.95) -> dict[str, Any]:
+    """One metric of variant ``a`` against the baseline ``b``: the paired rule when both hold two or more common
+    seeds, else the overlap rule (module docstring)."""
     label = METRICS[key][0]
     nums = f"{_fmt(a['estimate'])} [{_fmt(a['low'])}, {_fmt(a['high'])}] vs {_fmt(b['estimate'])} " \
            f"[{_fmt(b['low'])}, {_fmt(b['high'])}]"
-    if overlap(a, b):
-        return {"metric": key, "significant": False, "better": None,
-                "text": f"{label}: no significant difference ({nums}; intervals overlap)"}
+    paired = paired_difference(a, b, confidence)
+    if paired is not None:
+        nums += f"; paired difference {paired['estimate']:+.3g} [{_fmt(paired['low'])}, {_fmt(paired['high'])}]" \
+                f" over {paired['n']} seeds"
+        same = paired["low"] <= 0 <= paired["high"] or not all(map(math.isfinite, (paired["low"], paired["high"])))
+        why = "the paired interval contains 0"
+    else:
+        same, why = overlap(a, b), "intervals overlap"
+    if same:
+        return {"metric": key, "significant": False, "better": None, "paired": paired,
+                "text": f"{label}: no significant difference ({nums}; {why})"}
     better = _better(key, a["estimate"], b["estimate"])
     if key.startswith("hf_gap") or key == "paired_log_hf_ratio":
         more = a["estimate"] > b["estimate"]
@@ -206,7 +242,7 @@ def compare_cells(key: str, a: dict[str, Any], b: dict[str, Any], name_a: str, n
         how = f"{name_a} is {'higher' if a['estimate'] > b['estimate'] else 'lower'} than {name_b}"
     else:
         how = f"{name_a} is {'better' if better else 'worse'} than {name_b}"
-    return {"metric": key, "significant": True, "better": better, "text": f"{label}: {how} ({nums})"}
+    return {"metric": key, "significant": True, "better": better, "paired": paired, "text": f"{label}: {how} ({nums})"}
 
 
 def claim_verdict(cmps: list[dict[str, Any]]) -> str:

@@ -61,7 +61,7 @@ def collect_detail(suite: StudySuite, runs, metric_files: dict[str, Path]) -> di
         for v in d.variants:
             rs = [r for r in runs if r.variant.name == v.name and r.student_steps == k]
             ex = [A.extract(loaded[r.name], r.name) if r.name in loaded else None for r in rs]
-            cells = {m: A.over_seeds([e[m] if e else None for e in ex], conf) for m in A.METRICS}
+            cells = {m: A.over_seeds([e[m] if e else None for e in ex], conf, [r.seed for r in rs]) for m in A.METRICS}
             hs = [A.read_health(r.run_dir, d.health.keys, d.health.blowup_factor, d.health.drift_factor) for r in rs]
             for r, h in zip(rs, hs):
                 health[r.name] = h
@@ -99,7 +99,9 @@ def collect_detail(suite: StudySuite, runs, metric_files: dict[str, Path]) -> di
 
 def detail_reading(suite: StudySuite, rows: list[dict[str, Any]], health: dict[str, Any]) -> dict[str, Any]:
     d = suite.distill
-    out: dict[str, Any] = {"rule": "two variants differ only when their intervals do not overlap", "by_steps": {}}
+    out: dict[str, Any] = {"rule": "a variant differs from the baseline when the paired interval of the per-seed "
+                                   "differences excludes 0 (one seed: when the two bootstrap intervals do not "
+                                   "overlap)", "by_steps": {}}
     for k in d.student_steps:
         base = next(r for r in rows if r.get("variant") == d.baseline and r["student_steps"] == k)
         entries = []
@@ -110,7 +112,7 @@ def detail_reading(suite: StudySuite, rows: list[dict[str, Any]], health: dict[s
             for key in suite.eval.key_metrics:
                 a, b = r["metrics"].get(key), base["metrics"].get(key)
                 if a is not None and b is not None:
-                    cmps.append(A.compare_cells(key, a, b, r["label"], base["label"]))
+                    cmps.append(A.compare_cells(key, a, b, r["label"], base["label"], suite.confidence))
             entries.append({"variant": r["variant"], "label": r["label"], "comparisons": cmps,
                             "claim": A.claim_verdict(cmps)})
         div = [f"{r['label']} in {r['diverged']}/{len(r['seeds'])} seeds" for r in rows
@@ -136,7 +138,7 @@ def collect_pretraining(suite: StudySuite, pre_runs) -> dict[str, Any]:
         per_step = {}
         for s in steps:
             cis = [A._ci(pts[seed].get(s, {}).get("fd")) for seed in pts]
-            per_step[str(s)] = A.over_seeds(cis, suite.confidence)
+            per_step[str(s)] = A.over_seeds(cis, suite.confidence, list(pts))
         failed = {str(r.seed): json.loads((r.run_dir / "failed.json").read_text())["error"]
                   for r in pre_runs if r.variant.name == v.name and (r.run_dir / "failed.json").is_file()}
         curves[v.name] = {"label": v.label or v.name, "fd": per_step, "diverged_seeds": failed,
@@ -165,8 +167,13 @@ def pretraining_reading(suite: StudySuite, curves: dict[str, Any], steps: list[i
         if a_last is None or b_last is None:
             lines.append(f"{c['label']}: no FD at {last} iterations")
             continue
-        cmp = "no significant difference" if A.overlap(a_last, b_last) else (
+        paired = A.paired_difference(a_last, b_last, suite.confidence)  # same seed: same data and noise
+        same = paired["low"] <= 0 <= paired["high"] if paired else A.overlap(a_last, b_last)
+        cmp = "no significant difference" if same else (
             "lower (better)" if a_last["estimate"] < b_last["estimate"] else "higher (worse)")
+        if paired:
+            cmp += (f" (paired difference {paired['estimate']:+.3g} [{A._fmt(paired['low'])}, "
+                    f"{A._fmt(paired['high'])}] over {paired['n']} seeds)")
         line = (f"{c['label']} at {last} it: FD {A._fmt(a_last['estimate'])} [{A._fmt(a_last['low'])}, "
                 f"{A._fmt(a_last['high'])}] vs {base['label']} {A._fmt(b_last['estimate'])} "
                 f"[{A._fmt(b_last['low'])}, {A._fmt(b_last['high'])}]: {cmp}")
