@@ -176,6 +176,8 @@ class DMD2:
         expect every backward through it to complete) nor have its parameters frozen after wrapping: under FSDP
         its parameter gradients are computed here and discarded (the critic update clears them first). Under DDP
         the bare fake score and head run with their parameters frozen, so only the samples get a gradient.
+        This backward is not loss-scaled: under fp16 mixed precision a small GAN gradient can underflow (bf16, the
+        configs' choice, has fp32's range).
         """
         cfg = self.cfg
         b = x.shape[0]
