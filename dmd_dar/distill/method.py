@@ -31,6 +31,7 @@ from dmd_dar.distill.losses import (
     gan_generator_loss,
     regression_loss,
 )
+from dmd_dar.training.sharding import forward_module, is_sharded
 
 
 @contextlib.contextmanager
@@ -47,14 +48,6 @@ def frozen(*modules: nn.Module | None):
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
-
-
-def _inner(net: nn.Module) -> nn.Module:
-    """The module for forwards that must not join gradient synchronisation: the one inside a DDP wrapper; an FSDP
-    wrapper itself (its root unit gathers the sharded parameters in its pre-forward hook)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return net if isinstance(net, FullyShardedDataParallel) else getattr(net, "module", net)
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
@@ -181,12 +174,9 @@ class DMD2:
         """
         cfg = self.cfg
         b = x.shape[0]
-        fake_net, head = _inner(self.fake.net), _inner(self.gan_head)
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        sharded = isinstance(fake_net, FullyShardedDataParallel)
+        fake_net, head = forward_module(self.fake.net), forward_module(self.gan_head)
         x_leaf = x.detach().requires_grad_(True)
-        with torch.enable_grad(), contextlib.nullcontext() if sharded else frozen(fake_net, head):
+        with torch.enable_grad(), contextlib.nullcontext() if is_sharded(fake_net) else frozen(fake_net, head):
             t_g = _uniform(b, 0.0, cfg.gan_max_t, gen).float().to(x.device)
             x_g = self.path.add_noise(x_leaf, torch.randn(x.shape, generator=gen).to(x), t_g).to(x.dtype)
             logits = head(score_features(fake_net, x_g, t_g, cond, cfg.gan_feature))

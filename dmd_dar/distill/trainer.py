@@ -245,9 +245,8 @@ def run(cfg: DistillConfig) -> Path:
         if x_fake[m] is None:  # no generator update this iteration: the current student's samples, no graph
             with torch.no_grad(), accelerator.autocast():
                 x_in, t_in = method.generator_input(b.noise, b.cond, gen, shared, b.real)
-                x_fake[m] = Denoiser(forward_module(accelerator, student), path, null).x0(
-                    x_in, t_in, b.cond).to(b.noise.dtype)
-        with accelerator.autocast(), frozen(forward_module(accelerator, student)):
+                x_fake[m] = Denoiser(forward_module(student), path, null).x0(x_in, t_in, b.cond).to(b.noise.dtype)
+        with accelerator.autocast(), frozen(forward_module(student)):
             return method.critic_step(x_fake[m], b.cond, gen, b.real, b.real_cond)
 
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="distill",

@@ -8,6 +8,17 @@ import torch
 from torch import nn
 
 
+def check_decay(decay: float) -> float:
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+    return decay
+
+
+def ema_decay(decay: float, warmup: bool, num_updates: int) -> float:
+    """The decay of update ``num_updates``: ``decay``, or with ``warmup`` the ramp min(decay, (1+n)/(10+n))."""
+    return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay
+
+
 class EMA:
     """Holds an EMA copy of ``model``: ``ema = decay * ema + (1 - decay) * param`` after each update.
 
@@ -16,16 +27,12 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup = decay, warmup
+        self.decay, self.warmup = check_decay(decay), warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.num_updates = 0
 
     def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return ema_decay(self.decay, self.warmup, self.num_updates)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

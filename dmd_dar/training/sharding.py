@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dmd_dar.errors import UserError
+from dmd_dar.training.ema import check_decay, ema_decay
 
 SUPPORTED_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
@@ -73,10 +74,17 @@ def _sharded_strategy(accelerator) -> bool:
     return getattr(strategy, "name", str(strategy)) != "NO_SHARD"
 
 
-def forward_module(accelerator, model: nn.Module) -> nn.Module:
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP wrapper (its root parameters are pieces, gathered in its pre-forward hook)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def forward_module(model: nn.Module) -> nn.Module:
     """The module to call for a forward outside gradient synchronisation (no-grad forwards, frozen-parameter
-    passes): the bare module under DDP (no reducer, no buffer broadcast), the wrapper itself under FSDP."""
-    return model if is_fsdp(accelerator) else accelerator.unwrap_model(model)
+    passes): the bare module inside a DDP wrapper (no reducer, no buffer broadcast), an FSDP wrapper itself."""
+    return model if is_sharded(model) else getattr(model, "module", model)
 
 
 @torch.no_grad()
@@ -110,16 +118,12 @@ class ShardedEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup = decay, warmup
+        self.decay, self.warmup = check_decay(decay), warmup
         self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.num_updates = 0
 
-    def current_decay(self) -> float:  # the same ramp as ``training.ema.EMA``
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+    def current_decay(self) -> float:
+        return ema_decay(self.decay, self.warmup, self.num_updates)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
