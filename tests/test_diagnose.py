@@ -1,5 +1,6 @@
 """Routing diagnostics on a tiny SiT: shapes, closed forms (identical states, zero gates, LayerNorm invariance,
-finite-difference gate gradient), batch-size independence, DAR weight maps, and the command's files."""
+finite-difference gate gradient), batch-size independence, DAR weight maps, attention locality, per-class losses,
+and the command's files."""
 
 import json
 import math
@@ -8,7 +9,14 @@ import pytest
 import torch
 
 from dmd_dar.analysis.diagnose import DiagnoseConfig, run
-from dmd_dar.analysis.diagnostics import diagnose_model, per_token_rms, timestep_diagnostics, token_cosine
+from dmd_dar.analysis.diagnostics import (
+    attention_locality,
+    diagnose_model,
+    per_token_rms,
+    timestep_diagnostics,
+    token_cosine,
+    uniform_attention_distance,
+)
 from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
 from dmd_dar.diffusion.paths import make_path
 from dmd_dar.models import build_model, preset_config
@@ -50,6 +58,56 @@ def test_statistics_closed_forms():
     assert float(token_cosine(x, x)) == pytest.approx(1.0, abs=1e-12)
     assert float(token_cosine(x, -3 * x)) == pytest.approx(-1.0, abs=1e-12)
     assert float(per_token_rms(torch.full((2, 3, 4), -2.5))) == pytest.approx(2.5)
+
+
+def test_attention_locality_closed_forms():
+    """Uniform maps: entropy 1 and the mean pairwise patch distance; one-hot maps on the query itself: 0 and 0;
+    attention to the right-hand neighbour: entropy 0, distance 1."""
+    grid, t = 2, 4
+    assert uniform_attention_distance(grid) == pytest.approx((8 * 1 + 4 * math.sqrt(2)) / 16)  # 16 ordered pairs
+    ent, dist = attention_locality(torch.full((3, 2, t, t), 1 / t), grid)
+    assert float(ent) == pytest.approx(1.0) and float(dist) == pytest.approx(uniform_attention_distance(grid))
+    ent, dist = attention_locality(torch.eye(t).expand(3, 2, t, t), grid)
+    assert float(ent) == pytest.approx(0.0, abs=1e-12) and float(dist) == 0.0
+    neighbour = torch.zeros(t, t)
+    neighbour[[0, 1, 2, 3], [1, 0, 3, 2]] = 1  # tokens (r, c) row-major: 0 <-> 1 and 2 <-> 3 are horizontal pairs
+    ent, dist = attention_locality(neighbour.expand(1, 1, t, t), grid)
+    assert float(ent) == pytest.approx(0.0, abs=1e-12) and float(dist) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["sincos", "relative_bias"])
+def test_attention_weights_are_what_forward_applies(bias):
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", relative_position_bias=bias)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, model.cfg.num_tokens, model.cfg.hidden_size)
+    w = attn.attention_weights(x)  # [B, H, T, T]
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+    _, _, v = attn._heads(x)
+    manual = attn.proj((w @ v).transpose(1, 2).reshape(x.shape))
+    torch.testing.assert_close(manual, attn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_and_class_statistics_of_diagnose():
+    """Attention statistics per block lie in their ranges; the class losses, weighted by class counts, give back
+    the overall loss; a class without samples is NaN."""
+    model = _model()
+    x0, eps, _ = _batch(n=6)
+    y = torch.tensor([0, 0, 1, 2, 2, 2])  # class 3 absent
+    res = diagnose_model(model, PATH, x0, eps, y, [0.3, 0.8], batch_size=4, counterfactual=False)
+    depth = model.cfg.depth
+    assert res["attn_entropy"].shape == (2, depth) and res["attn_distance"].shape == (2, depth)
+    assert ((res["attn_entropy"] > 0) & (res["attn_entropy"] <= 1 + 1e-9)).all()
+    grid = model.cfg.image_size // model.cfg.patch_size
+    assert float(res["attn_distance_uniform"]) == pytest.approx(uniform_attention_distance(grid))
+    assert ((res["attn_distance"] >= 0) & (res["attn_distance"] <= math.sqrt(2) * (grid - 1))).all()
+    cl = res["class_loss"]  # [n_t, classes]
+    assert cl.shape == (2, 4) and torch.isnan(cl[:, 3]).all()
+    counts = torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close((cl[:, :3] * counts).sum(-1) / 6, res["loss"])
 
 
 def test_residual_shapes_zero_gate_and_identical_states():
@@ -142,7 +200,8 @@ def test_command_writes_json_and_pngs(tmp_path, routing):
     for name in data["files"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expected = {"depth_lines.png", "heatmap_rms.png", "heatmap_grad_rms.png", "heatmap_cos.png",
-                "heatmap_gate_drop.png", "heatmap_gate_grad.png"}
+                "heatmap_gate_drop.png", "heatmap_gate_grad.png", "heatmap_attention_entropy.png",
+                "heatmap_attention_distance.png", "heatmap_class_loss.png"}
     expected |= {"routing_weights.png", "heatmap_entropy.png"} if routing else {"source_importance.png"}
     assert expected <= set(data["files"])
     if routing:

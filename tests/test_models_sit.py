@@ -7,7 +7,7 @@ import torch
 
 from dmd_dar.errors import UserError
 from dmd_dar.models import ModelConfig, build_model, param_groups, preset_config
-from dmd_dar.models.layers import sincos_2d, timestep_features
+from dmd_dar.models.layers import RelativePositionBias, sincos_2d, timestep_features
 from dmd_dar.routing import RoutingConfig, routing_parameters
 
 DAR = dict(kind="dar", query="static_t", chunk_size=2)
@@ -115,6 +115,44 @@ def test_sincos_positions_closed_form():
     expected = [math.sin(col * w[0]), math.sin(col * w[1]), math.cos(col * w[0]), math.cos(col * w[1]),
                 math.sin(row * w[0]), math.sin(row * w[1]), math.cos(row * w[0]), math.cos(row * w[1])]
     torch.testing.assert_close(pos[token], torch.tensor(expected))
+
+
+def test_relative_position_bias_closed_form():
+    """bias[h, i, j] = table[h, offset(i, j)]: the same entry for every pair with the same 2-D patch offset."""
+    grid = 3
+    rpb = RelativePositionBias(num_heads=2, grid_size=grid)
+    with torch.no_grad():
+        rpb.table.copy_(torch.arange(2 * 25, dtype=torch.float32).view(2, 25))
+    bias = rpb().detach()  # [1, H, T, T]
+    assert bias.shape == (1, 2, 9, 9)
+    at = lambda r, c: r * grid + c  # noqa: E731  row-major tokens
+    for h in range(2):
+        for (ri, ci), (rj, cj) in [((0, 0), (2, 1)), ((1, 2), (0, 0)), ((2, 2), (2, 2))]:
+            expected = 25 * h + (ri - rj + grid - 1) * 5 + (ci - cj + grid - 1)
+            assert float(bias[0, h, at(ri, ci), at(rj, cj)]) == expected
+    # translation invariance: (0,0)->(1,1) and (1,1)->(2,2) share the offset (-1, -1)
+    assert bias[0, 1, at(0, 0), at(1, 1)] == bias[0, 1, at(1, 1), at(2, 2)]
+
+
+def test_relative_position_bias_starts_as_the_plain_sit_and_learns():
+    """Zero-initialised: with the other weights copied, the model equals the one without the bias; a non-zero table
+    changes the output, gradients reach every table, and the tables are not weight-decayed."""
+    base = _randomise(build_model(_tiny(hidden_size=64))).eval()
+    biased = build_model(_tiny(hidden_size=64, relative_position_bias=True)).eval()
+    missing = biased.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"blocks.{k}.attn.position_bias.table" for k in range(base.cfg.depth)]
+    x, t, y = _inputs(base.cfg)
+    torch.testing.assert_close(biased(x, t, y), base(x, t, y))
+    with torch.no_grad():
+        biased.blocks[0].attn.position_bias.table.normal_(0.0, 1.0)
+    assert not torch.allclose(biased(x, t, y), base(x, t, y), atol=1e-4)
+    biased(x, t, y).pow(2).mean().backward()
+    for block in biased.blocks:
+        assert block.attn.position_bias.table.grad.abs().sum() > 0
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(biased, lr=1e-4, weight_decay=0.1)}
+    assert all(id(b.attn.position_bias.table) in groups["no_decay"] for b in biased.blocks)
+    with pytest.raises(UserError, match="model.relative_position_bias"):
+        _tiny(relative_position_bias="yes")
 
 
 def test_unpatchify_inverts_patch_layout():

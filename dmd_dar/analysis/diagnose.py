@@ -1,4 +1,5 @@
-"""``dmd-dar diagnose``: routing diagnostics of an exported native SiT (residual or DAR) on the procedural data.
+"""``dmd-dar diagnose``: routing and attention diagnostics of an exported native SiT (residual or DAR) on the
+procedural data.
 
 Writes ``<out_dir>/diagnostics.json`` (every number, NaN as null) and PNG heatmaps (depth x t) and line plots
 (see :mod:`dmd_dar.analysis.diagnostics` for the definitions and :mod:`dmd_dar.analysis.plots` for the figures).
@@ -99,7 +100,7 @@ def run(cfg: DiagnoseConfig) -> Path:
                          progress=lambda it: tqdm(it, desc="diagnose", unit="batch"))
     routing = model.cfg.routing
     name = f"{folder.name} ({'DAR ' + routing.query + f' S={routing.chunk_size}' if routing.is_dar else 'residual'})"
-    files = plot_all(res, out, name=name)
+    files = plot_all(res, out, name=name, class_names=meta.class_names)
     record = {
         "checkpoint": str(folder), "role": meta.role, "model": model.cfg.to_dict(),
         "diffusion": asdict(meta.diffusion), "config": asdict(cfg),
@@ -119,6 +120,11 @@ def run(cfg: DiagnoseConfig) -> Path:
             "weights": "DAR only: [aggregator (row l-1 = sublayer l; last row = final), source i] mean weight; "
                        "chunk summaries at the index of the chunk's last output; null where not a source",
             "entropy": "DAR only: normalised routing entropy per aggregator (1 = uniform)",
+            "attn_entropy": "per block: self-attention entropy / log(tokens), mean over samples, heads, queries "
+                            "(1 = uniform attention)",
+            "attn_distance": "per block: mean attention distance in patches; attn_distance_uniform = the value of "
+                             "uniform attention on this patch grid",
+            "class_loss": "the loss over the samples of each class (class ids as in the model's class_names)",
         },
         "results": res,
         "files": [p.name for p in files],

@@ -18,6 +18,14 @@ Follows the DAR paper's diagnosis protocol (docs: shared/reference/dar_paper.md 
 - DAR only: ``weights[a, i]`` mean routing weight of source v_i for aggregator a (sublayers 1..L, then the final
                    one; chunk summaries sit at the index of their chunk's last output), and ``entropy[a]`` the
                    normalised routing entropy (1 = uniform, 0 = one source).
+- ``attn_entropy[k]``  normalised entropy of block k's self-attention maps, -sum_j a_ij log a_ij / log T, averaged
+                   over samples, heads and query tokens (1 = every query attends uniformly, 0 = to one token).
+- ``attn_distance[k]`` mean attention distance of block k in patch units, sum_j a_ij |p_i - p_j| averaged likewise;
+                   ``attn_distance_uniform`` is its value for uniform attention on the same patch grid. Together
+                   they show whether attention is local (mixes neighbouring patches) or a global average: a small
+                   pixel-space transformer whose attention stays near uniform cannot make neighbouring patches agree,
+                   and its samples come out as a mosaic of patches.
+- ``class_loss[c]``  the denoising loss restricted to the samples of class c (NaN for a class with no samples).
 
 Every statistic is computed on the same (x0, eps, y) at every t, so differences along t come from t alone.
 Timesteps follow docs/CONVENTIONS.md: t = 1 is pure noise.
@@ -35,7 +43,8 @@ from torch import nn
 from dmd_dar.routing.router import routing_entropy
 from dmd_dar.routing.sources import source_indices
 
-__all__ = ["diagnose_model", "per_token_rms", "token_cosine", "timestep_diagnostics", "dropped_sublayer"]
+__all__ = ["attention_locality", "diagnose_model", "dropped_sublayer", "per_token_rms", "timestep_diagnostics",
+           "token_cosine", "uniform_attention_distance"]
 
 
 def per_token_rms(x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +89,45 @@ def _no_checkpointing(model: nn.Module):
         yield
     finally:
         model.cfg.gradient_checkpointing = old
+
+
+def _patch_distances(grid: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[T, T] Euclidean distances between the patches of a grid x grid token layout (row-major), in patches."""
+    r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    pos = torch.stack([r.reshape(-1), c.reshape(-1)], dim=1).double()
+    return torch.cdist(pos, pos).to(device)
+
+
+def uniform_attention_distance(grid: int) -> float:
+    """Mean attention distance of uniform attention on a grid x grid patch layout (about 0.52 * grid)."""
+    return float(_patch_distances(grid).mean())
+
+
+def attention_locality(weights: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised entropy, mean distance in patches) of attention maps ``weights`` [B, H, T, T] (rows sum to 1)
+    on a grid x grid patch layout, each averaged over samples, heads and queries (float64 scalars)."""
+    w = weights.double()
+    n = w.shape[-1]
+    entropy = -(w * w.clamp_min(1e-30).log()).sum(-1) / math.log(n) if n > 1 else torch.zeros(w.shape[:-1])
+    distance = (w * _patch_distances(grid, w.device)).sum(-1)
+    return entropy.mean(), distance.mean()
+
+
+@contextmanager
+def _capture_attention_locality(model: nn.Module, store: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Append ``attention_locality`` of every block's attention, in block order, during the forwards inside."""
+    grid = model.cfg.image_size // model.cfg.patch_size
+
+    def hook(module, args):
+        with torch.no_grad():
+            store.append(attention_locality(module.attention_weights(args[0]), grid))
+
+    handles = [block.attn.register_forward_pre_hook(hook) for block in model.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -132,12 +180,13 @@ def timestep_diagnostics(model: nn.Module, path, x0: torch.Tensor, eps: torch.Te
     run = _loss_fn(model, path, x0, eps, y, tt)
     residual = not model.cfg.routing.is_dar
     aliases: list[torch.Tensor] = []
+    locality: list[tuple[torch.Tensor, torch.Tensor]] = []
     was_training = model.training
     model.eval()  # no label dropout
     try:
         with _no_checkpointing(model), torch.enable_grad():
             ctx = _capture_sublayer_inputs(model, aliases) if (residual and source_map) else _null()
-            with ctx:
+            with ctx, _capture_attention_locality(model, locality):
                 per_sample, inner = run(True)
             loss = per_sample.sum() / total  # this batch's share of the mean over `total` samples
             zs = inner.block_outputs()
@@ -154,7 +203,13 @@ def timestep_diagnostics(model: nn.Module, path, x0: torch.Tensor, eps: torch.Te
             if len(zs) > 1 else torch.zeros(0, dtype=torch.float64),
             "gate_grad": torch.stack([zero if g is None else (g.double() * v.detach().double()).sum()
                                       for g, v in zip(gv, vs)]),
+            "attn_entropy": torch.stack([e for e, _ in locality]).cpu(),
+            "attn_distance": torch.stack([d for _, d in locality]).cpu(),
         }
+        if y is not None and model.cfg.num_classes > 0:  # per-class sums; diagnose_model divides by the counts
+            onehot = torch.nn.functional.one_hot(y, model.cfg.num_classes).double()  # [B, C]
+            out["class_loss_sum"] = (onehot * per_sample.detach().double()[:, None]).sum(0).cpu()
+            out["class_count"] = onehot.sum(0).cpu()
         num_l = len(vs)
         if residual and source_map:
             srcs = [inner.v0.detach().double()] + [v.detach().double() for v in vs]
@@ -191,7 +246,7 @@ def _null():
 
 
 # Statistics that are means per sample/token (merge: weighted by batch size) vs sums over samples (merge: add).
-_SUMMED = ("gate_grad", "source_importance")
+_SUMMED = ("gate_grad", "source_importance", "class_loss_sum", "class_count")
 
 
 def diagnose_model(model: nn.Module, path, x0: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None,
@@ -217,5 +272,11 @@ def diagnose_model(model: nn.Module, path, x0: torch.Tensor, eps: torch.Tensor, 
             acc = {}
     out = {k: torch.stack([d[k] for d in per_t]) for k in per_t[0]}
     out["grad_rms_per_sample"] = out["grad_rms"] * n
+    if "class_loss_sum" in out:
+        count = out.pop("class_count")
+        total = out.pop("class_loss_sum")
+        out["class_loss"] = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
+    out["attn_distance_uniform"] = torch.tensor(uniform_attention_distance(model.cfg.image_size
+                                                                           // model.cfg.patch_size))
     out["t"] = torch.tensor([float(t) for t in t_grid], dtype=torch.float64)
     return out

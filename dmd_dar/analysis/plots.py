@@ -1,5 +1,5 @@
-"""PNG plots of routing diagnostics (matplotlib, Agg backend): heatmaps over depth x t, line plots over depth,
-and per-t [aggregator x source] routing maps. Input: the dict of :func:`dmd_dar.analysis.diagnostics.diagnose_model`
+"""PNG plots of routing diagnostics (matplotlib, Agg backend): heatmaps over depth x t (and class x t), line plots
+over depth, and per-t [aggregator x source] routing maps. Input: the dict of :func:`dmd_dar.analysis.diagnostics.diagnose_model`
 (tensors or nested lists)."""
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def per_t_maps(maps: np.ndarray, t: np.ndarray, path: Path, *, title: str, ylabe
     return path
 
 
-def plot_all(res: dict[str, Any], out_dir: str | Path, name: str = "") -> list[Path]:
+def plot_all(res: dict[str, Any], out_dir: str | Path, name: str = "",
+             class_names: list[str] | None = None) -> list[Path]:
     """Every plot for one model's diagnostics; returns the PNG paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +146,20 @@ def plot_all(res: dict[str, Any], out_dir: str | Path, name: str = "") -> list[P
                          log=True))
     files.append(heatmap(_np(res["cos"]).T, out / "heatmap_cos.png", title=f"{pre}cos(z_k, z_k+1)",
                          ylabel="block k", yticks=blocks[:-1], xticks=tx))
+    if "attn_entropy" in res:
+        files.append(heatmap(_np(res["attn_entropy"]).T, out / "heatmap_attention_entropy.png",
+                             title=f"{pre}self-attention entropy (1 = uniform over all patches)", ylabel="block k",
+                             yticks=blocks, xticks=tx))
+        uniform = float(_np(res["attn_distance_uniform"]))
+        files.append(heatmap(_np(res["attn_distance"]).T, out / "heatmap_attention_distance.png",
+                             title=f"{pre}mean attention distance (patches; uniform attention: {uniform:.2f})",
+                             ylabel="block k", yticks=blocks, xticks=tx))
+    if "class_loss" in res:
+        loss = _np(res["class_loss"]).T  # [classes, t]
+        names = list(class_names) if class_names and len(class_names) == loss.shape[0] else \
+            [str(c) for c in range(loss.shape[0])]
+        files.append(heatmap(loss, out / "heatmap_class_loss.png", title=f"{pre}denoising loss per class",
+                             ylabel="class", yticks=names, xticks=tx, log=True))
     num_l = _np(res["gate_grad"]).shape[1]
     subl = [f"{l} {'attn' if l % 2 else 'mlp'}" for l in range(1, num_l + 1)]
     if "gate_drop" in res:

@@ -12,7 +12,8 @@ from dmd_dar.routing import RoutingConfig
 
 @dataclass
 class ModelConfig:
-    """Architecture of a native SiT/DiT. Defaults are the project's ``embedded`` teacher.
+    """Architecture of a native SiT/DiT. Defaults are the sizes of the project's ``embedded`` teacher (whose
+    config, like the ``embedded`` preset, also turns on ``relative_position_bias``).
 
     image_size:          input side length (pixels or latent cells); must be divisible by patch_size.
     in_channels:         input channels (3 for RGB pixels, 4 for SD-VAE latents).
@@ -22,6 +23,9 @@ class ModelConfig:
     num_classes:         0 = unconditional; otherwise labels 0..num_classes-1 plus the null label num_classes.
     class_dropout_prob:  probability of replacing a label by the null label in training (CFG).
     learn_sigma:         output 2 * in_channels channels (DiT's learned variance); off for flow/eps models.
+    relative_position_bias: add a learned, zero-initialised bias per head and 2-D patch offset to the attention
+                         logits (Swin's relative position bias) on top of the sin-cos positions; the embedded
+                         teacher uses it (see ``dmd_dar.models.layers.RelativePositionBias`` for why).
     routing:             residual connections or DAR (``dmd_dar.routing.RoutingConfig``).
     gradient_checkpointing: recompute each sublayer in backward (the router's aggregation is not recomputed).
     """
@@ -36,6 +40,7 @@ class ModelConfig:
     num_classes: int = 8  # the procedural dataset's classes
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
+    relative_position_bias: bool = False
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     gradient_checkpointing: bool = False
 
@@ -58,6 +63,8 @@ class ModelConfig:
         if self.hidden_size % 4:
             raise UserError(f"model.hidden_size={self.hidden_size} must be a multiple of 4 "
                             "(2-D sin-cos position embeddings split it in four)")
+        if not isinstance(self.relative_position_bias, bool):
+            raise UserError(f"model.relative_position_bias={self.relative_position_bias!r} must be true or false")
         if not self.mlp_ratio > 0:
             raise UserError(f"model.mlp_ratio={self.mlp_ratio} must be > 0")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
@@ -106,7 +113,7 @@ _SIT_LATENT = dict(image_size=32, in_channels=4, patch_size=2, num_classes=1000)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=16, in_channels=3, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=4),
     "embedded": dict(image_size=32, in_channels=3, patch_size=4, hidden_size=128, depth=6, num_heads=4,
-                     num_classes=8),
+                     num_classes=8, relative_position_bias=True),
     "SiT-S/2": dict(_SIT_LATENT, hidden_size=384, depth=12, num_heads=6),
     "SiT-B/2": dict(_SIT_LATENT, hidden_size=768, depth=12, num_heads=12),
     "SiT-L/2": dict(_SIT_LATENT, hidden_size=1024, depth=24, num_heads=16),

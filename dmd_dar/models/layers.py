@@ -104,20 +104,61 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)  # [B, D]
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention (fused qkv, ``F.scaled_dot_product_attention``)."""
+class RelativePositionBias(nn.Module):
+    """A learned additive attention bias per head and 2-D patch offset (Swin Transformer's relative position bias).
 
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    ``table[h, (dr + G - 1) * (2G - 1) + (dc + G - 1)]`` is added to the attention logit of every query/key pair
+    whose patches are ``(dr, dc)`` rows/columns apart on the G x G grid. Zero-initialised, so a fresh model computes
+    exactly what it would without it. Why it exists: the additive sin-cos positions let attention become local only
+    through learned query-key products, which a small pixel-space SiT does not learn at a CPU budget (its attention
+    stays near uniform and its samples come out as a mosaic of patches); one scalar per offset gives attention a
+    direct, content-independent path to locality.
+    """
+
+    def __init__(self, num_heads: int, grid_size: int) -> None:
+        super().__init__()
+        span = 2 * grid_size - 1
+        self.table = nn.Parameter(torch.zeros(num_heads, span * span))
+        coords = torch.arange(grid_size)
+        row, col = (c.reshape(-1) for c in torch.meshgrid(coords, coords, indexing="ij"))  # row-major tokens
+        index = (row[:, None] - row[None] + grid_size - 1) * span + (col[:, None] - col[None] + grid_size - 1)
+        self.register_buffer("index", index, persistent=False)  # [T, T]
+
+    def forward(self) -> torch.Tensor:
+        """The bias [1, H, T, T] (broadcast over the batch)."""
+        return self.table[:, self.index].unsqueeze(0)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (fused qkv, ``F.scaled_dot_product_attention``), optionally with a learned
+    relative position bias on the logits."""
+
+    def __init__(self, hidden_size: int, num_heads: int, position_bias: RelativePositionBias | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
+        self.position_bias = position_bias
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, T, Dh]
+        q, k, v = self._heads(x)
+        bias = None if self.position_bias is None else self.position_bias().to(q.dtype)  # [1, H, T, T]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, T, Dh]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # [B, T, D]
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The softmax attention maps [B, H, T(query), T(key)] that ``forward`` applies to input ``x`` (for
+        diagnostics; ``forward`` itself never materialises them)."""
+        q, k, _ = self._heads(x)
+        logits = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if self.position_bias is not None:
+            logits = logits + self.position_bias().float()
+        return torch.softmax(logits, dim=-1)
 
 
 class Mlp(nn.Module):
@@ -142,11 +183,13 @@ class SiTBlock(nn.Module):
     activation checkpointing needs.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 position_bias_grid: int | None = None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
-        self.attn = Attention(hidden_size, num_heads)
+        bias = RelativePositionBias(num_heads, position_bias_grid) if position_bias_grid else None
+        self.attn = Attention(hidden_size, num_heads, bias)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
