@@ -143,6 +143,39 @@ def test_resume_with_changed_config_names_the_keys(tiny_teacher, tmp_path, capsy
     assert "method.guidance_scale" in capsys.readouterr().err
 
 
+def test_resume_against_changed_teacher_is_refused(tiny_teacher, tmp_path, capsys):
+    """Same config, but the teacher folder now holds other weights (same shapes, then another architecture): the run
+    must not resume silently against a different objective; both cases name the fix."""
+    import shutil
+
+    from dmd_dar.artifact import load_artifact
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    out = tmp_path / "run"
+    assert main(["distill", *_overrides(teacher, out, 2)]) == 0
+    model, meta = load_artifact(teacher)
+    with torch.no_grad():
+        model.final_layer.linear.bias.add_(0.1)
+    save_artifact(teacher, model, meta)
+    assert main(["distill", *_overrides(teacher, out, 4)]) == 2
+    err = capsys.readouterr().err
+    assert "other teacher weights" in err and "run.out_dir" in err
+    # another architecture (a checkpoint written before the teacher gained attention bias tables)
+    biased = build_model(preset_config("tiny", num_classes=8, relative_position_bias=True))
+    biased.load_state_dict(model.state_dict(), strict=False)
+    save_artifact(teacher, biased.eval(), meta)
+    state_files = list((out / "checkpoints").glob("step_*/state.json"))
+    assert state_files
+    for state_file in state_files:  # drop the recorded teacher digest, as in checkpoints of older versions
+        state = json.loads(state_file.read_text())
+        assert state.pop("teacher")
+        state_file.write_text(json.dumps(state))
+    assert main(["distill", *_overrides(teacher, out, 4)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "position_bias" in err and "run.out_dir" in err
+
+
 def test_teacher_shape_mismatch_is_a_clear_error(tiny_teacher, tmp_path, capsys):
     args = _overrides(tiny_teacher, tmp_path / "run", 1)
     args[args.index("data.image_size=16")] = "data.image_size=32"

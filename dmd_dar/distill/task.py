@@ -65,6 +65,11 @@ class DistillTask:
         """Per-channel mean/std of teacher samples (the drift reference)."""
         raise NotImplementedError
 
+    def teacher_identity(self) -> str | None:
+        """A string that changes when the teacher's weights change (recorded in checkpoints and checked on resume,
+        since a run that resumes against another teacher would silently mix two objectives); None = not tracked."""
+        return None
+
     def export(self, net: nn.Module, folder: Path) -> Path:
         raise NotImplementedError
 
@@ -154,16 +159,22 @@ class NativeTask(DistillTask):
         atomic_save_safetensors(ref, path)
         return ref
 
+    def teacher_identity(self) -> str:
+        from dmd_dar.utils.io import file_digest
+
+        if not hasattr(self, "_identity"):
+            self._identity = file_digest(self.folder / "model.safetensors")
+        return self._identity
+
     def regression_pairs(self, cache_dir: Path, n: int, steps: int):
         """DMD1 regression pairs (noise, label, teacher ODE sample), generated once and cached in ``cache_dir``."""
         from tqdm.auto import tqdm
 
         from dmd_dar.distill.method import RegressionPairs
         from dmd_dar.sampling import generate, make_noise
-        from dmd_dar.utils.io import file_digest
 
         # The file name says what the pairs are, so a shared cache never hands out pairs of another teacher.
-        tag = f"{file_digest(self.folder / 'model.safetensors')[:12]}_n{n}_s{steps}"
+        tag = f"{self.teacher_identity()[:12]}_n{n}_s{steps}"
         path = Path(cache_dir) / f"regression_pairs_{tag}.safetensors"
         if not path.is_file():
             labels = torch.arange(n) % max(self.num_classes, 1)

@@ -154,8 +154,19 @@ def run(cfg: DistillConfig) -> Path:
             raise UserError(f"{resume_from} was written by {'an FSDP' if state.get('sharded') else 'a non-FSDP'} run "
                             f"and this run is {'FSDP' if fsdp else 'not FSDP'}: resume with the launch that wrote it "
                             f"(or start a new run from its export)")
-        student.load_state_dict(nets["generator"])
-        fake.load_state_dict(nets["fake_score"])
+        teacher_now = task.teacher_identity()
+        if state.get("teacher") is not None and teacher_now is not None and state["teacher"] != teacher_now:
+            raise UserError(f"{resume_from} was trained against other teacher weights than {cfg.networks.teacher} "
+                            f"holds now (sha256 {state['teacher'][:12]}... vs {teacher_now[:12]}...): start a new "
+                            f"run in another folder (run.out_dir=<new folder>) or delete {run_dir}")
+        try:
+            student.load_state_dict(nets["generator"])
+            fake.load_state_dict(nets["fake_score"])
+        except RuntimeError as err:  # e.g. a checkpoint of an older teacher architecture
+            first = str(err).strip().splitlines()
+            raise UserError(f"{resume_from} does not fit the networks this config builds "
+                            f"({' '.join(first[:2])[:300]}): the teacher or the architecture changed since it was "
+                            f"written; start a new run in another folder (run.out_dir=<new folder>) or delete {run_dir}") from None
         if gan_head is not None:
             gan_head.load_state_dict(nets["gan_head"])
         if ema is not None:
@@ -213,7 +224,7 @@ def run(cfg: DistillConfig) -> Path:
         if accelerator.is_main_process:
             ckpt.save(step, nets, opts, {"ema_updates": ema.num_updates if ema is not None else 0,
                                          "bad_steps_total": guard.total, "num_processes": accelerator.num_processes,
-                                         "sharded": fsdp})
+                                         "sharded": fsdp, "teacher": task.teacher_identity()})
         accelerator.wait_for_everyone()
 
     def sampling_net():
