@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmd_dar.models import ModelConfig, build_model  # noqa: E402
+from dmd_dar.models import PRESETS, ModelConfig, build_model  # noqa: E402
 from dmd_dar.routing import RoutingConfig, build_router  # noqa: E402
 from dmd_dar.routing.config import LEAN_LAYOUTS  # noqa: E402
 
@@ -42,9 +42,8 @@ SIZES = {
     # SiT-XL/2 width and depth on 256^2 images through the SD-VAE: 32x32x4 latents, patch 2 -> 256 tokens.
     "xl": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
                num_classes=1000),
-    # The embedded teacher's architecture (ModelConfig's defaults: d 128, depth 6, 4 heads, patch 4, 8 classes).
-    "embedded": {k: getattr(ModelConfig(), k) for k in ("image_size", "in_channels", "patch_size", "hidden_size",
-                                                        "depth", "num_heads", "num_classes")},
+    # The embedded teacher's architecture (d 128, depth 6, 4 heads, patch 4, 8 classes, relative position bias).
+    "embedded": dict(PRESETS["embedded"]),
 }
 # (name, routing or None for residual); each DAR variant runs lean and reference.
 VARIANTS = [
