@@ -191,6 +191,26 @@ def test_retuned_base_config_is_refused(study, capsys):
     assert "method.ttur" in err and "another config" in err
 
 
+def test_finished_runs_of_another_teacher_are_refused(study, capsys):
+    """Same config, but the teacher file now holds other weights: the finished runs describe the old teacher, so
+    the study must not reuse them as results."""
+    from dmd_dar.artifact import load_artifact
+
+    teacher = study / "teacher"
+    weights = teacher / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        model, meta = load_artifact(teacher)
+        with torch.no_grad():
+            model.final_layer.linear.bias.add_(0.1)
+        save_artifact(teacher, model, meta)
+        assert main(["study", f"suite={study / 'study.yaml'}", "progress=false", "pretraining=false"]) == 2
+        err = capsys.readouterr().err
+        assert "other teacher weights" in err and "new out_dir" in err
+    finally:
+        weights.write_bytes(original)
+
+
 def test_seed_interval_is_student_t_and_overlap_rule():
     cis = [{"estimate": v, "low": v - 1, "high": v + 1} for v in (1.0, 2.0, 3.0)]
     agg = A.over_seeds(cis, 0.95)

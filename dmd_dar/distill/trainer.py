@@ -322,7 +322,8 @@ def run(cfg: DistillConfig) -> Path:
         task.export(net, export)
         _sample_grid(task, net, export / "samples_grid.png")
         summary = {"steps": cfg.run.steps, "bad_steps_total": guard.total, "student_timesteps": task.student_times,
-                   "num_processes": accelerator.num_processes, "sharded": fsdp, "replicas_identical": identical}
+                   "num_processes": accelerator.num_processes, "sharded": fsdp, "replicas_identical": identical,
+                   "teacher": task.teacher_identity()}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if identical is False:
             accelerator.print("warning: the generator replicas differ across processes (see summary.json)")

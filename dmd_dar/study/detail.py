@@ -99,6 +99,22 @@ def check_saved_config(schema, cfg, run_dir: Path, ignore: tuple[str, ...]) -> N
                         "out_dir (or delete that run) to rerun it with the current config")
 
 
+def check_saved_teacher(cfg, run_dir: Path, summary: dict) -> None:
+    """A finished run must have been distilled from the teacher weights the config points at now (same config, new
+    teacher file: its results would silently describe the old teacher). Native teachers only (a file digest)."""
+    if cfg.networks.teacher_kind != "native":
+        return
+    from dmd_dar.sampling import resolve_checkpoint
+    from dmd_dar.utils.io import file_digest
+
+    now = file_digest(resolve_checkpoint(cfg.networks.teacher) / "model.safetensors")
+    if summary.get("teacher") != now:
+        was = f"other teacher weights (sha256 {summary['teacher'][:12]}...)" if summary.get("teacher") else \
+            "a teacher it did not record (an older dmd-dar)"
+        raise UserError(f"{run_dir}: finished against {was}, not the current {cfg.networks.teacher} (sha256 "
+                        f"{now[:12]}...); a study compares one teacher, so use a new out_dir (or delete that run)")
+
+
 def distill_state(run: DistillRun, cfg) -> str:
     """'done', 'failed' (stopped on non-finite losses) or 'todo' (missing or resumable)."""
     from dmd_dar.distill.config import DistillConfig
@@ -111,9 +127,11 @@ def distill_state(run: DistillRun, cfg) -> str:
     if summary.is_file() and export.is_file():
         check_saved_config(DistillConfig, cfg, run.run_dir, RESUMABLE_CHANGES)
         try:
-            steps = json.loads(summary.read_text())["steps"]
+            record = json.loads(summary.read_text())
+            steps = record["steps"]
         except (json.JSONDecodeError, KeyError):
             return "todo"
+        check_saved_teacher(cfg, run.run_dir, record)
         return "done" if steps == cfg.run.steps else "todo"
     return "todo"
 
