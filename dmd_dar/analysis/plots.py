@@ -148,11 +148,11 @@ def plot_all(res: dict[str, Any], out_dir: str | Path, name: str = "",
                          ylabel="block k", yticks=blocks[:-1], xticks=tx))
     if "attn_entropy" in res:
         files.append(heatmap(_np(res["attn_entropy"]).T, out / "heatmap_attention_entropy.png",
-                             title=f"{pre}self-attention entropy (1 = uniform over all patches)", ylabel="block k",
+                             title=f"{pre}attention entropy (1 = uniform)", ylabel="block k",
                              yticks=blocks, xticks=tx))
         uniform = float(_np(res["attn_distance_uniform"]))
         files.append(heatmap(_np(res["attn_distance"]).T, out / "heatmap_attention_distance.png",
-                             title=f"{pre}mean attention distance (patches; uniform attention: {uniform:.2f})",
+                             title=f"{pre}attention distance, patches\n(uniform attention: {uniform:.2f})",
                              ylabel="block k", yticks=blocks, xticks=tx))
     if "class_loss" in res:
         loss = _np(res["class_loss"]).T  # [classes, t]
