@@ -112,7 +112,7 @@ class RelativePositionBias(nn.Module):
     exactly what it would without it. Why it exists: the additive sin-cos positions let attention become local only
     through learned query-key products, which a small pixel-space SiT does not learn at a CPU budget (its attention
     stays near uniform and its samples come out as a mosaic of patches); one scalar per offset gives attention a
-    direct, content-independent path to locality.
+    direct, content-independent dependence on where the other patch is (``eval/probe_teacher_compute.py``).
     """
 
     def __init__(self, num_heads: int, grid_size: int) -> None:
