@@ -74,6 +74,15 @@ class DistillTask:
         raise NotImplementedError
 
 
+def native_teacher_digest(folder: str | Path) -> str:
+    """sha256 of an exported teacher's weights (``folder``: as ``networks.teacher`` names it): what checkpoints, run
+    summaries and the regression-pair cache record, so results of another teacher are never taken for this one's."""
+    from dmd_dar.sampling import resolve_checkpoint
+    from dmd_dar.utils.io import file_digest
+
+    return file_digest(resolve_checkpoint(str(folder)) / "model.safetensors")
+
+
 class NativeTask(DistillTask):
     """Distill an exported dmd-dar SiT/DiT teacher (class-conditional or unconditional)."""
 
@@ -160,10 +169,8 @@ class NativeTask(DistillTask):
         return ref
 
     def teacher_identity(self) -> str:
-        from dmd_dar.utils.io import file_digest
-
-        if not hasattr(self, "_identity"):
-            self._identity = file_digest(self.folder / "model.safetensors")
+        if not hasattr(self, "_identity"):  # hashed once per run, on first use
+            self._identity = native_teacher_digest(self.folder)
         return self._identity
 
     def regression_pairs(self, cache_dir: Path, n: int, steps: int):

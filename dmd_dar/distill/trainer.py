@@ -166,7 +166,8 @@ def run(cfg: DistillConfig) -> Path:
             first = str(err).strip().splitlines()
             raise UserError(f"{resume_from} does not fit the networks this config builds "
                             f"({' '.join(first[:2])[:300]}): the teacher or the architecture changed since it was "
-                            f"written; start a new run in another folder (run.out_dir=<new folder>) or delete {run_dir}") from None
+                            f"written; start a new run in another folder (run.out_dir=<new folder>) or delete "
+                            f"{run_dir}") from None
         if gan_head is not None:
             gan_head.load_state_dict(nets["gan_head"])
         if ema is not None:

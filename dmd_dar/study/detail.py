@@ -104,10 +104,9 @@ def check_saved_teacher(cfg, run_dir: Path, summary: dict) -> None:
     teacher file: its results would silently describe the old teacher). Native teachers only (a file digest)."""
     if cfg.networks.teacher_kind != "native":
         return
-    from dmd_dar.sampling import resolve_checkpoint
-    from dmd_dar.utils.io import file_digest
+    from dmd_dar.distill.task import native_teacher_digest
 
-    now = file_digest(resolve_checkpoint(cfg.networks.teacher) / "model.safetensors")
+    now = native_teacher_digest(cfg.networks.teacher)
     if summary.get("teacher") != now:
         was = f"other teacher weights (sha256 {summary['teacher'][:12]}...)" if summary.get("teacher") else \
             "a teacher it did not record (an older dmd-dar)"
