@@ -11,7 +11,7 @@ reports, on 128 held-out images of that class with fixed noise,
 - the x0 error ``mean (x0_hat - x0)^2`` at t = 0.5 and 0.7 (a denoiser that pooled the whole image would be near
   the Bayes error; one that denoises patch by patch is far above it), and
 - per block, the attention entropy (1 = uniform) and the mean attention distance in patches
-  (``dmd_dar.analysis.diagnostics.attention_locality``).
+  (``dmd_dar.analysis.diagnostics.attention_locality``, as ``dmd-dar diagnose`` reports them).
 
 Runs are printed one JSON line each, so several settings can be compared at equal training compute:
 
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from dmd_dar.analysis.diagnostics import attention_locality, uniform_attention_distance
+from dmd_dar.analysis.diagnostics import capture_attention_locality, uniform_attention_distance
 from dmd_dar.data.procedural import CLASS_NAMES, ProceduralImages
 from dmd_dar.diffusion.objective import denoising_loss
 from dmd_dar.diffusion.paths import make_path
@@ -64,26 +64,20 @@ def probe(cls: str, steps: int, model_overrides: dict, lr: float, batch: int, ti
     x0, y, _ = held.render(range(128))
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1))
     grid = model.cfg.image_size // model.cfg.patch_size
-    locality: list[tuple[float, float]] = []
-    hooks = [block.attn.register_forward_pre_hook(
-        lambda mod, args: locality.append(tuple(float(v) for v in attention_locality(mod.attention_weights(args[0]),
-                                                                                      grid))))
-        for block in model.blocks]
     errors = {}
     with torch.no_grad():
         for t in EVAL_T:
-            locality.clear()
-            x_t = path.add_noise(x0, eps, t)
-            x0_hat = path.pred_to_x0(model(x_t, torch.full((128,), t), y), x_t, t)
+            locality: list[tuple[torch.Tensor, torch.Tensor]] = []  # per block; the last t's are reported
+            with capture_attention_locality(model, locality):
+                x_t = path.add_noise(x0, eps, t)
+                x0_hat = path.pred_to_x0(model(x_t, torch.full((128,), t), y), x_t, t)
             errors[t] = float((x0_hat - x0).pow(2).mean())
-    for h in hooks:
-        h.remove()
     return {
         "class": cls, "steps": steps, "batch": batch, "lr": lr, "timesteps": timesteps, "model": model_overrides,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3), "train_seconds": round(train_s, 1),
         **{f"x0_mse_t{t}": round(e, 5) for t, e in errors.items()},
-        f"attn_entropy_t{EVAL_T[-1]}": [round(e, 3) for e, _ in locality],
-        f"attn_distance_t{EVAL_T[-1]}": [round(d, 2) for _, d in locality],
+        f"attn_entropy_t{EVAL_T[-1]}": [round(float(e), 3) for e, _ in locality],
+        f"attn_distance_t{EVAL_T[-1]}": [round(float(d), 2) for _, d in locality],
         "attn_distance_uniform": round(uniform_attention_distance(grid), 2),
     }
 

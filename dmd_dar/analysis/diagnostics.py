@@ -43,8 +43,8 @@ from torch import nn
 from dmd_dar.routing.router import routing_entropy
 from dmd_dar.routing.sources import source_indices
 
-__all__ = ["attention_locality", "diagnose_model", "dropped_sublayer", "per_token_rms", "timestep_diagnostics",
-           "token_cosine", "uniform_attention_distance"]
+__all__ = ["attention_locality", "capture_attention_locality", "diagnose_model", "dropped_sublayer", "per_token_rms",
+           "timestep_diagnostics", "token_cosine", "uniform_attention_distance"]
 
 
 def per_token_rms(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,7 @@ def attention_locality(weights: torch.Tensor, grid: int) -> tuple[torch.Tensor, 
 
 
 @contextmanager
-def _capture_attention_locality(model: nn.Module, store: list[tuple[torch.Tensor, torch.Tensor]]):
+def capture_attention_locality(model: nn.Module, store: list[tuple[torch.Tensor, torch.Tensor]]):
     """Append ``attention_locality`` of every block's attention, in block order, during the forwards inside."""
     grid = model.cfg.image_size // model.cfg.patch_size
 
@@ -186,7 +186,7 @@ def timestep_diagnostics(model: nn.Module, path, x0: torch.Tensor, eps: torch.Te
     try:
         with _no_checkpointing(model), torch.enable_grad():
             ctx = _capture_sublayer_inputs(model, aliases) if (residual and source_map) else _null()
-            with ctx, _capture_attention_locality(model, locality):
+            with ctx, capture_attention_locality(model, locality):
                 per_sample, inner = run(True)
             loss = per_sample.sum() / total  # this batch's share of the mean over `total` samples
             zs = inner.block_outputs()
