@@ -214,6 +214,16 @@ def _better(key: str, a: float, b: float) -> bool | None:
     return None
 
 
+def no_difference(a: dict[str, Any], b: dict[str, Any], confidence: float) -> tuple[bool, dict[str, Any] | None, str]:
+    """The reading's rule for cell ``a`` against the baseline cell ``b`` (module docstring): (no significant
+    difference?, the paired difference or None, why). Non-finite intervals never make a difference."""
+    paired = paired_difference(a, b, confidence)
+    if paired is None:
+        return overlap(a, b), None, "intervals overlap"
+    same = paired["low"] <= 0 <= paired["high"] or not all(map(math.isfinite, (paired["low"], paired["high"])))
+    return same, paired, "the paired interval contains 0"
+
+
 def compare_cells(key: str, a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str,
                   confidence: float = 0.95) -> dict[str, Any]:
     """One metric of variant ``a`` against the baseline ``b``: the paired rule when both hold two or more common
@@ -221,14 +231,10 @@ def compare_cells(key: str, a: dict[str, Any], b: dict[str, Any], name_a: str, n
     label = METRICS[key][0]
     nums = f"{_fmt(a['estimate'])} [{_fmt(a['low'])}, {_fmt(a['high'])}] vs {_fmt(b['estimate'])} " \
            f"[{_fmt(b['low'])}, {_fmt(b['high'])}]"
-    paired = paired_difference(a, b, confidence)
+    same, paired, why = no_difference(a, b, confidence)
     if paired is not None:
         nums += f"; paired difference {paired['estimate']:+.3g} [{_fmt(paired['low'])}, {_fmt(paired['high'])}]" \
                 f" over {paired['n']} seeds"
-        same = paired["low"] <= 0 <= paired["high"] or not all(map(math.isfinite, (paired["low"], paired["high"])))
-        why = "the paired interval contains 0"
-    else:
-        same, why = overlap(a, b), "intervals overlap"
     if same:
         return {"metric": key, "significant": False, "better": None, "paired": paired,
                 "text": f"{label}: no significant difference ({nums}; {why})"}

@@ -167,8 +167,7 @@ def pretraining_reading(suite: StudySuite, curves: dict[str, Any], steps: list[i
         if a_last is None or b_last is None:
             lines.append(f"{c['label']}: no FD at {last} iterations")
             continue
-        paired = A.paired_difference(a_last, b_last, suite.confidence)  # same seed: same data and noise
-        same = paired["low"] <= 0 <= paired["high"] if paired else A.overlap(a_last, b_last)
+        same, paired, _ = A.no_difference(a_last, b_last, suite.confidence)  # same seed: same data and noise
         cmp = "no significant difference" if same else (
             "lower (better)" if a_last["estimate"] < b_last["estimate"] else "higher (worse)")
         if paired:
