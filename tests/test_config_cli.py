@@ -48,6 +48,17 @@ def test_yaml_layers_apply_in_order(tmp_path):
     assert (cfg.method.ttur, cfg.method.guidance_scale, cfg.run.steps) == (7, 3.0, 9)
 
 
+def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
+    # YAML 1.1 turns a bare `no` into false; the documented value must still work, on the command line and in a file
+    assert build_config(DistillConfig, [], ["run.mixed_precision=no"]).run.mixed_precision == "no"
+    layer = tmp_path / "run.yaml"
+    layer.write_text("run:\n  mixed_precision: no\n")
+    assert build_config(DistillConfig, [layer]).run.mixed_precision == "no"
+    assert build_config(DistillConfig, [], ["run.mixed_precision=bf16"]).run.mixed_precision == "bf16"
+    with pytest.raises(UserError, match="run.mixed_precision='yes'"):
+        build_config(DistillConfig, [], ["run.mixed_precision='yes'"])
+
+
 def test_bad_yaml_and_missing_file_are_user_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: [unclosed\n")

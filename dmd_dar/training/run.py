@@ -36,6 +36,10 @@ class RunConfig:
     num_workers: int = 0  # data-rendering worker processes (0 = in the training process; use 4+ on GPU machines)
 
     def __post_init__(self) -> None:
+        if self.mixed_precision in ("False", "false"):
+            # YAML 1.1 reads a bare `no` (also `off`, `false`) as the boolean false, which reaches this str field
+            # as "False": `run.mixed_precision=no` means what it says.
+            self.mixed_precision = "no"
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"run.mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
         if self.log_with not in TRACKERS:
