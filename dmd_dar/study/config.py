@@ -124,14 +124,14 @@ class Budget:
     Iteration rates are for the batch sizes below and scale linearly with the base configs' ``run.batch_size``.
     """
 
-    distill_iter: dict[int, float] = field(default_factory=lambda: {1: 0.75, 4: 1.0})  # per student_steps
+    distill_iter: dict[int, float] = field(default_factory=lambda: {1: 0.25, 4: 0.29})  # per student_steps
     distill_batch: int = 16
-    distill_run_overhead: float = 25.0  # imports, model building, teacher drift reference, export + grid
-    teacher_image_step: float = 0.003  # one teacher forward per image per ODE step (CFG doubles it)
-    eval_run: float = 20.0  # sampling one student + its evaluation (spectral, CLIP, FD, CMMD, bootstraps)
-    teacher_iter: float = 0.5  # one pretraining iteration at teacher_batch
+    distill_run_overhead: float = 6.0  # model building, teacher drift reference, export + grid
+    teacher_image_step: float = 0.002  # one teacher forward per image per ODE step (CFG doubles it)
+    eval_run: float = 7.0  # sampling one student + its evaluation (spectral, CLIP, FD, CMMD, bootstraps)
+    teacher_iter: float = 0.45  # one pretraining iteration at teacher_batch
     teacher_batch: int = 64
-    fd_point_overhead: float = 27.0  # per FD point besides its samples: the export's 50-step grid + FD eval
+    fd_point_overhead: float = 8.0  # per FD point besides its samples: the export's 50-step grid + FD eval
 
 
 @dataclass
