@@ -248,6 +248,66 @@ def test_paired_rule_uses_per_seed_differences():
                                                   "a", "b")["text"]
 
 
+def test_paired_p_value_has_the_closed_form_and_agrees_with_the_interval():
+    base = A.over_seeds([{"estimate": v, "low": v, "high": v} for v in (1.0, 2.0, 3.0)], 0.95, [0, 1, 2])
+
+    def shifted(deltas):
+        return A.over_seeds([{"estimate": v + e, "low": 0, "high": 0} for v, e in zip((1.0, 2.0, 3.0), deltas)],
+                            0.95, [0, 1, 2])
+
+    d = A.paired_difference(shifted((0.11, 0.09, 0.10)), base, 0.95)
+    t = 0.1 / (0.01 / np.sqrt(3))  # with 2 degrees of freedom the t CDF is 1/2 + t / (2 sqrt(2 + t^2))
+    assert np.isclose(d["p_value"], 1 - t / np.sqrt(2 + t * t), rtol=1e-6)
+    for deltas in ((0.11, 0.09, 0.10), (0.3, -0.1, 0.1), (0.05, 0.04, -0.2), (1.0, 1.2, 0.9)):
+        d = A.paired_difference(shifted(deltas), base, 0.95)
+        assert (d["p_value"] < 0.05) == (not d["low"] <= 0 <= d["high"])
+    assert A.paired_difference(shifted((0.2, 0.2, 0.2)), base, 0.95)["p_value"] < 1e-12  # sd ~ rounding only
+    assert A.paired_difference(shifted((0.0, 0.0, 0.0)), base, 0.95)["p_value"] == 1.0
+
+
+def test_holm_adjust_matches_the_hand_computation():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert np.allclose(A.holm_adjust([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    out = A.holm_adjust([0.5, math.nan, 0.4])  # NaN does not count towards the family size
+    assert np.allclose([out[0], out[2]], [0.8, 0.8]) and math.isnan(out[1])
+    assert A.holm_adjust([0.9, 0.6]) == [1.0, 1.0] and A.holm_adjust([]) == []
+
+
+def test_claim_verdict_reports_what_survives_the_correction():
+    cmp = A.compare_cells("hf_gap_db_vs_teacher", {"estimate": -0.5, "low": -0.7, "high": -0.3},
+                          {"estimate": -3.0, "low": -3.5, "high": -2.5}, "a", "b")
+    assert A.claim_verdict([cmp]).startswith("supported (")
+    survives = A.claim_verdict([cmp | {"p_holm": 0.01, "family_size": 6}])
+    assert survives.startswith("supported (") and "Holm-adjusted p = 0.01 over 6 claim tests" in survives
+    lost = A.claim_verdict([cmp | {"p_holm": 0.2, "family_size": 6}])
+    assert lost.startswith("supported by this comparison alone, not after correcting") and "0.2" in lost
+
+
+def test_reading_corrects_the_claim_tests_over_every_variant_and_step_count():
+    from dmd_dar.study.report import detail_reading
+
+    suite = load_study(REPO / "eval" / "study" / "embedded.yaml")
+    seeds = [0, 1, 2]
+    shifts = {"residual": (0.0, 0.0, 0.0), "dar_static_t": (0.11, 0.09, 0.10), "dar_dynamic": (0.3, -0.1, 0.1),
+              "dar_fake_only": (2.0, 2.2, 1.9)}
+    rows = []
+    for k in suite.distill.student_steps:
+        for v in suite.distill.variants:
+            gap = A.over_seeds([{"estimate": -5.0 + s + d, "low": 0, "high": 0} for s, d in zip(seeds, shifts[v.name])],
+                               0.95, seeds)
+            rows.append({"variant": v.name, "label": v.label, "student_steps": k, "seeds": seeds, "runs": [],
+                         "diverged": 0, "flagged": 0, "metrics": {"hf_gap_db_vs_teacher": gap}})
+    reading = detail_reading(suite, rows, {})
+    claims = {(k, e["variant"]): next(c for c in e["comparisons"] if c["metric"] == "hf_gap_db_vs_teacher") | {
+        "verdict": e["claim"]} for k, b in reading["by_steps"].items() for e in b["variants"]}
+    assert len(claims) == 6 and all(c["family_size"] == 6 for c in claims.values())
+    raw = [c["paired"]["p_value"] for c in claims.values()]
+    assert np.allclose([c["p_holm"] for c in claims.values()], A.holm_adjust(raw))
+    # fake_only p = 0.002 and static_t p = 0.0033 (both step counts): x6, x5, x4 keep them below 0.05; dynamic p = 0.48
+    assert claims[("1", "dar_static_t")]["verdict"].startswith("supported (")
+    assert claims[("1", "dar_dynamic")]["verdict"].startswith("not supported")
+
+
 def test_embedded_suite_budgets_and_quick_block():
     suite_file = REPO / "eval" / "study" / "embedded.yaml"
     full, quick = load_study(suite_file), load_study(suite_file, quick=True)

@@ -7,7 +7,9 @@ The reading compares each variant with the baseline. The runs of one seed are pa
 order, same noise, same initial function: DAR starts equal to the residual model), so with two or more common seeds
 it calls a difference when the paired interval of the per-seed differences (variant - baseline, Student t) excludes
 0; that removes what the seeds share, which unpaired intervals leave in. With one seed it falls back to the
-conservative rule that the two bootstrap intervals do not overlap.
+conservative rule that the two bootstrap intervals do not overlap. The paper's claim (HF gap vs teacher) is tested
+once per variant and step count; its verdicts also carry the Holm-Bonferroni-adjusted p-value of the paired t-tests
+over that family (``holm_adjust``), and a difference that does not survive the correction is reported as such.
 """
 
 from __future__ import annotations
@@ -123,17 +125,46 @@ def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, fl
 
 
 def paired_difference(a: dict[str, Any], b: dict[str, Any], confidence: float) -> dict[str, Any] | None:
-    """Interval of the mean per-seed difference a - b over the seeds both cells hold (paired Student t); None
-    with fewer than two common seeds or cells without seed tags."""
+    """Interval of the mean per-seed difference a - b over the seeds both cells hold (paired Student t), with the
+    two-sided p-value of the paired t-test (H0: mean difference 0); None with fewer than two common seeds or cells
+    without seed tags."""
     if "seeds" not in a or "seeds" not in b:
         return None
     va, vb = dict(zip(a["seeds"], a["per_seed"])), dict(zip(b["seeds"], b["per_seed"]))
     common = [s for s in va if s in vb]
     if len(common) < 2:
         return None
-    m, half, sd = _t_interval(np.array([va[s] - vb[s] for s in common], dtype=np.float64), confidence)
+    diffs = np.array([va[s] - vb[s] for s in common], dtype=np.float64)
+    m, half, sd = _t_interval(diffs, confidence)
     return {"estimate": m, "low": m - half, "high": m + half, "half_width": half, "std": sd, "n": len(common),
-            "seeds": common, "method": f"paired Student t over {len(common)} seeds"}
+            "p_value": _paired_t_p_value(m, sd, len(common)), "seeds": common,
+            "method": f"paired Student t over {len(common)} seeds"}
+
+
+def _paired_t_p_value(mean: float, sd: float, n: int) -> float:
+    """Two-sided p-value of the one-sample t-test of ``mean`` against 0 (n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    if not (math.isfinite(mean) and math.isfinite(sd)):
+        return math.nan
+    if sd == 0.0:  # identical differences: certain unless they are all zero
+        return 1.0 if mean == 0.0 else 0.0
+    return float(2.0 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def holm_adjust(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order (non-finite entries stay NaN and do not count).
+
+    With the m finite p-values sorted ascending, p_(i) becomes max_{j <= i} min(1, (m - j + 1) p_(j)); rejecting
+    where the adjusted value is below alpha controls the family-wise error rate at alpha.
+    """
+    finite = sorted((p, i) for i, p in enumerate(p_values) if isinstance(p, int | float) and math.isfinite(p))
+    out = [math.nan] * len(p_values)
+    running, m = 0.0, len(finite)
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
 
 
 def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -234,7 +265,7 @@ def compare_cells(key: str, a: dict[str, Any], b: dict[str, Any], name_a: str, n
     same, paired, why = no_difference(a, b, confidence)
     if paired is not None:
         nums += f"; paired difference {paired['estimate']:+.3g} [{_fmt(paired['low'])}, {_fmt(paired['high'])}]" \
-                f" over {paired['n']} seeds"
+                f" over {paired['n']} seeds, p = {_fmt(paired['p_value'])}"
     if same:
         return {"metric": key, "significant": False, "better": None, "paired": paired,
                 "text": f"{label}: no significant difference ({nums}; {why})"}
@@ -251,12 +282,25 @@ def compare_cells(key: str, a: dict[str, Any], b: dict[str, Any], name_a: str, n
     return {"metric": key, "significant": True, "better": better, "paired": paired, "text": f"{label}: {how} ({nums})"}
 
 
-def claim_verdict(cmps: list[dict[str, Any]]) -> str:
-    """The paper's claim (DAR preserves high-frequency detail) judged on the HF gap vs teacher."""
+def claim_verdict(cmps: list[dict[str, Any]], alpha: float = 0.05) -> str:
+    """The paper's claim (DAR preserves high-frequency detail) judged on the HF gap vs teacher.
+
+    When the comparison carries a Holm-adjusted p-value (``p_holm``, over the study's family of claim tests, see
+    ``holm_adjust``), a difference that the per-comparison interval calls but the correction does not is reported
+    as such rather than as support or contradiction.
+    """
     c = next((x for x in cmps if x["metric"] == "hf_gap_db_vs_teacher"), None)
     if c is None:
         return "no HF gap vs teacher available"
     if not c["significant"]:
         return "not supported at this scale (no significant difference in HF gap vs teacher)"
-    return "supported (HF gap vs teacher significantly closer to 0)" if c["better"] else \
-        "contradicted (HF gap vs teacher significantly further from 0)"
+    verdict = "supported (HF gap vs teacher significantly closer to 0" if c["better"] else \
+        "contradicted (HF gap vs teacher significantly further from 0"
+    p_holm, family = c.get("p_holm"), c.get("family_size")
+    if p_holm is None or not math.isfinite(p_holm):
+        return verdict + ")"
+    corrected = f"Holm-adjusted p = {p_holm:.2g} over {family} claim tests"
+    if p_holm < alpha:
+        return f"{verdict}; {corrected})"
+    return f"{verdict.split(' (')[0]} by this comparison alone, not after correcting for multiple comparisons " \
+           f"({corrected})"

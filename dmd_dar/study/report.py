@@ -101,7 +101,9 @@ def detail_reading(suite: StudySuite, rows: list[dict[str, Any]], health: dict[s
     d = suite.distill
     out: dict[str, Any] = {"rule": "a variant differs from the baseline when the paired interval of the per-seed "
                                    "differences excludes 0 (one seed: when the two bootstrap intervals do not "
-                                   "overlap)", "by_steps": {}}
+                                   "overlap); the claim verdicts also correct the paired t-tests on HF gap vs "
+                                   "teacher for multiple comparisons (Holm-Bonferroni over every variant and "
+                                   "step count)", "by_steps": {}}
     for k in d.student_steps:
         base = next(r for r in rows if r.get("variant") == d.baseline and r["student_steps"] == k)
         entries = []
@@ -113,8 +115,7 @@ def detail_reading(suite: StudySuite, rows: list[dict[str, Any]], health: dict[s
                 a, b = r["metrics"].get(key), base["metrics"].get(key)
                 if a is not None and b is not None:
                     cmps.append(A.compare_cells(key, a, b, r["label"], base["label"], suite.confidence))
-            entries.append({"variant": r["variant"], "label": r["label"], "comparisons": cmps,
-                            "claim": A.claim_verdict(cmps)})
+            entries.append({"variant": r["variant"], "label": r["label"], "comparisons": cmps})
         div = [f"{r['label']} in {r['diverged']}/{len(r['seeds'])} seeds" for r in rows
                if r["student_steps"] == k and r["diverged"]]
         text = ("diverged (non-finite losses): " + "; ".join(div)) if div else \
@@ -124,6 +125,16 @@ def detail_reading(suite: StudySuite, rows: list[dict[str, Any]], health: dict[s
         if flagged:
             text += "; warning flags: " + "; ".join(flagged)
         out["by_steps"][str(k)] = {"baseline": base["label"], "variants": entries, "health": text}
+    # The claim is tested once per variant and step count: correct that family before any verdict is read.
+    entries = [e for block in out["by_steps"].values() for e in block["variants"]]
+    claims = [next((c for c in e["comparisons"] if c["metric"] == "hf_gap_db_vs_teacher"), None) for e in entries]
+    tested = [c for c in claims if c is not None and c["paired"] is not None]
+    p_values = [c["paired"]["p_value"] for c in tested]
+    family = sum(math.isfinite(p) for p in p_values)
+    for c, p_holm in zip(tested, A.holm_adjust(p_values)):
+        c["p_holm"], c["family_size"] = p_holm, family
+    for e in entries:
+        e["claim"] = A.claim_verdict(e["comparisons"], alpha=1 - suite.confidence)
     return out
 
 
