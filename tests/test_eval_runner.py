@@ -78,6 +78,9 @@ def test_metrics_json_protocol_and_fields(full):
     assert set(t["spectral"]["scalars"]) == {"hf_ratio@0.25", "hf_ratio@0.5", "hf_ratio@0.75", "band_ratio", "slope"}
     assert set(t["spectral"]["per_group"]["hf_ratio@0.5"]) == {"stripes_high", "smooth_blobs"}
     assert set(t["clip_score"]["per_group"]) == {"stripes_high", "smooth_blobs"}
+    top1 = t["clip_score"]["top1"]  # class prompts here: 2 distinct texts
+    assert (top1["candidates"], top1["chance"]) == (2, 0.5) and 0 <= top1["accuracy"]["estimate"] <= 1
+    assert set(top1["per_group"]) == {"stripes_high", "smooth_blobs"}
     assert t["lpips_diversity"]["n_groups"] == 2 and t["lpips_diversity"]["k_per_group"] == [4]
     assert "lpips_diversity" not in full["sets"]["reference"]
     cmp_ = full["comparisons"][2]
@@ -211,3 +214,23 @@ def test_clip_texts_from_captions_or_class_prompts(folders):
     by_class = ImageSet("r", folders / "ref", "a photo of {phrase}", text_source="class")
     assert set(by_class.captions) == {"a photo of high-frequency stripes", "a photo of smooth blobs"}
     assert ImageSet("t", folders / "teacher", "{class_name}").captions[0] in {"stripes_high", "smooth_blobs"}
+
+
+def test_clip_top1_recognises_classes_with_the_shipped_clip(tmp_path):
+    """With class prompts, top-1 is zero-shot class accuracy: the in-domain CLIP recognises held-out procedural
+    images of all 8 classes, and the same images filed under the wrong classes score near zero."""
+    ds = ProceduralImages("heldout", 32, size=32)
+    x, cids, _ = ds.render(range(32))
+    for name, shift in (("right", 0), ("wrong", 3)):
+        recs = [{"seed": i, "class_name": ds.class_names[(int(c) + shift) % 8]} for i, c in enumerate(cids)]
+        save_png_folder(x, tmp_path / name, recs)
+    cfg = build_config(EvalConfig, [], [f"samples=[{tmp_path / 'right'},{tmp_path / 'wrong'}]", "metrics=[clip_score]",
+                                        "clip.model_config=assets/clip/open_clip_config.json",
+                                        "clip.weights_file=assets/clip/model.safetensors", "clip.pretrained=null",
+                                        "clip.class_template=a photo of {phrase}", "clip.text_source=class",
+                                        "clip.prefix=''", "bootstrap=200", "report=false", f"out_dir={tmp_path / 'out'}"])
+    run(cfg)
+    sets = json.loads((tmp_path / "out" / "metrics.json").read_text())["sets"]
+    right, wrong = (sets[n]["clip_score"]["top1"] for n in ("right", "wrong"))
+    assert right["candidates"] == 8 and right["accuracy"]["estimate"] >= 0.9
+    assert wrong["accuracy"]["estimate"] <= 0.2 and len(right["per_group"]) == 8

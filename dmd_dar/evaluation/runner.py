@@ -256,6 +256,19 @@ class Evaluation:
                "convention": "mean_cos: raw mean cosine (DMD2); x100: 100 * mean; hessel: 2.5 * mean(max(cos, 0))"}
         if s.has_groups:
             out["per_group"] = self._groups_ci(s, cos, f"{s.name}/clip_score")
+        if len(uniq) >= 2:
+            out["top1"] = self._caption_top1(s, emb, temb, [row[c] for c in s.captions])
+        return out
+
+    def _caption_top1(self, s: ImageSet, emb: torch.Tensor, temb: torch.Tensor, own: list[int]) -> dict[str, Any]:
+        """How often an image's own text is the closest of the set's distinct texts: with class prompts
+        (clip.text_source=class) the zero-shot class accuracy, "is each sample recognisably its class"; with one
+        prompt per image, prompt retrieval (R-precision style). Chance is 1 / (number of distinct texts)."""
+        hit = ((emb @ temb.T).argmax(1) == torch.tensor(own, device=emb.device)).float()  # [N]
+        out = {"accuracy": self._ci(hit, f"{s.name}/clip_score/top1"), "candidates": int(temb.shape[0]),
+               "chance": 1.0 / temb.shape[0]}
+        if s.has_groups:
+            out["per_group"] = self._groups_ci(s, hit, f"{s.name}/clip_score/top1")
         return out
 
     def _image_embeddings(self, s: ImageSet, model) -> torch.Tensor:

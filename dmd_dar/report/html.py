@@ -187,6 +187,10 @@ def _per_group_sets_table(metrics: dict[str, Any]) -> str:
         cs = e.get("clip_score", {}).get("per_group") if isinstance(e.get("clip_score"), dict) else None
         if cs:
             cols.append((f"{n}: CLIP cos", cs))
+        top1 = e.get("clip_score", {}).get("top1", {}).get("per_group") if isinstance(e.get("clip_score"), dict) \
+            else None
+        if top1:
+            cols.append((f"{n}: CLIP top-1", top1))
         dv = e.get("lpips_diversity", {}).get("per_group") if isinstance(e.get("lpips_diversity"), dict) else None
         if dv:
             cols.append((f"{n}: {_lpips_label(metrics)} diversity", dv))
@@ -203,12 +207,15 @@ def _set_metric_tables(metrics: dict[str, Any]) -> str:
     rows = []
     for n, e in metrics["sets"].items():
         cs, dv = e.get("clip_score"), e.get("lpips_diversity")
+        top1 = cs.get("top1") if isinstance(cs, dict) else None
         rows.append([_td(n), ci_cell(cs.get("mean_cos", cs) if isinstance(cs, dict) else None),
                      ci_cell(cs.get("x100") if isinstance(cs, dict) else None),
+                     ci_cell(top1.get("accuracy")) if top1 else _td(""),
+                     _td(f"1/{top1['candidates']}") if top1 else _td(""),
                      ci_cell(dv.get("mean", dv) if isinstance(dv, dict) else None)])
     lp = _lpips_label(metrics)
-    return _table(["set", "CLIP score (mean cos)", "CLIP score x100", f"{lp} diversity"], rows,
-                  f"per-set CLIP score and {lp} diversity [95% CI]")
+    return _table(["set", "CLIP score (mean cos)", "CLIP score x100", "CLIP top-1 (own text closest)", "chance",
+                   f"{lp} diversity"], rows, f"per-set CLIP score, CLIP top-1 and {lp} diversity [95% CI]")
 
 
 def _bench_table(bench: dict[str, Any]) -> str:
