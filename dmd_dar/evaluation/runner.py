@@ -248,7 +248,8 @@ class Evaluation:
         uniq = list(dict.fromkeys(s.captions))
         temb = model.encode_texts(uniq, self.cfg.clip.prefix)  # [U, D]
         row = {c: i for i, c in enumerate(uniq)}
-        cos = (emb * temb[[row[c] for c in s.captions]]).sum(-1)  # [N], both L2-normalised
+        own = torch.tensor([row[c] for c in s.captions], device=emb.device)  # [N]: each image's text in temb
+        cos = (emb * temb[own]).sum(-1)  # [N], both L2-normalised
         self._cos[s.name] = cos
         mean = self._ci(cos, f"{s.name}/clip_score")
         out = {"mean_cos": mean, "x100": S.scale_ci(mean, 100.0),
@@ -257,14 +258,17 @@ class Evaluation:
         if s.has_groups:
             out["per_group"] = self._groups_ci(s, cos, f"{s.name}/clip_score")
         if len(uniq) >= 2:
-            out["top1"] = self._caption_top1(s, emb, temb, [row[c] for c in s.captions])
+            out["top1"] = self._caption_top1(s, emb, temb, own)
         return out
 
-    def _caption_top1(self, s: ImageSet, emb: torch.Tensor, temb: torch.Tensor, own: list[int]) -> dict[str, Any]:
+    def _caption_top1(self, s: ImageSet, emb: torch.Tensor, temb: torch.Tensor, own: torch.Tensor,
+                      rows_per_chunk: int = 1024) -> dict[str, Any]:
         """How often an image's own text is the closest of the set's distinct texts: with class prompts
         (clip.text_source=class) the zero-shot class accuracy, "is each sample recognisably its class"; with one
         prompt per image, prompt retrieval (R-precision style). Chance is 1 / (number of distinct texts)."""
-        hit = ((emb @ temb.T).argmax(1) == torch.tensor(own, device=emb.device)).float()  # [N]
+        # In row chunks: with one prompt per image the full [N, U] similarity matrix is N^2 (3.6 GB at 30k prompts).
+        hit = torch.cat([(emb[i:i + rows_per_chunk] @ temb.T).argmax(1) == own[i:i + rows_per_chunk]
+                         for i in range(0, len(emb), rows_per_chunk)]).float()  # [N]
         out = {"accuracy": self._ci(hit, f"{s.name}/clip_score/top1"), "candidates": int(temb.shape[0]),
                "chance": 1.0 / temb.shape[0]}
         if s.has_groups:
