@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -63,7 +64,7 @@ class SampleConfig:
     checkpoint: str = "assets/teacher"  # an exported model folder (a run's export/, or the embedded teacher)
     out_dir: str | None = None  # default: <checkpoint>/samples
     num_per_class: int = 8  # images per class (text-to-image students: per prompt)
-    classes: list[int] | None = None  # default: every class
+    classes: list[Any] | None = None  # class ids or names, e.g. [4, rings]; default: every class
     seed: int = 0
     steps: int | None = None  # teacher: ODE steps (default from the model); ignored for students
     cfg_scale: float | None = None  # teacher guidance (default from the model)
@@ -93,15 +94,35 @@ def resolve_checkpoint(path: str) -> Path:
                     f"export/ folder, or train one with `dmd-dar train-teacher` / `dmd-dar distill`")
 
 
+def resolve_classes(spec: list[Any] | None, class_names: list[str], num_classes: int) -> list[int]:
+    """Class ids for a ``classes`` selection given as ids (``4``, ``"4"``) and/or names (``"rings"``), in the
+    given order; ``None`` is every class (one unconditional "class" 0 for an unconditional model)."""
+    if spec is None:
+        return list(range(max(num_classes, 1)))
+    ids = []
+    for item in spec:
+        text = str(item).strip()
+        if text.lstrip("-").isdigit():
+            c = int(text)
+            if num_classes and not 0 <= c < num_classes:
+                raise UserError(f"classes contains {c}, but the model has classes 0..{num_classes - 1}")
+        elif text in class_names:
+            c = class_names.index(text)
+        else:
+            known = ", ".join(class_names) if class_names else "none: this model has no class names, use ids"
+            raise UserError(f"classes contains {text!r}, which is neither a class id nor a class name of this "
+                            f"model (names: {known})")
+        ids.append(c)
+    if len(set(ids)) != len(ids):
+        raise UserError(f"classes={list(spec)} names a class twice; list each class once")
+    return ids
+
+
 def sample_folder(model, meta: ArtifactMeta, out_dir: Path, cfg: SampleConfig) -> list[dict]:
     """Write PNGs + manifest.jsonl + grid.png for ``num_per_class`` images of each class; returns the records."""
     from dmd_dar.data.manifest import save_grid, save_png_folder
 
-    num_classes = model.cfg.num_classes
-    classes = cfg.classes if cfg.classes is not None else list(range(max(num_classes, 1)))
-    for c in classes:
-        if num_classes and not 0 <= c < num_classes:
-            raise UserError(f"classes contains {c}, but the model has classes 0..{num_classes - 1}")
+    classes = resolve_classes(cfg.classes, meta.class_names, model.cfg.num_classes)
     jobs = [(c, cfg.seed + k) for c in classes for k in range(cfg.num_per_class)]
     # Seed of image (class c, k) is independent of the class list, so subsets pair with full runs.
     records, images = [], []

@@ -87,3 +87,18 @@ def test_shipped_suites_parse_and_t2i_writes_a_generation_plan(tmp_path):
     plan = [json.loads(x) for x in (tmp_path / "generation_plan.jsonl").read_text().splitlines()]
     assert len(plan) == 4 * len(prompts) and plan[1] == {"file": "00001.png", "index": 1, "seed": 1,
                                                          "caption": prompts[0]}
+
+
+def test_class_subset_by_name_samples_and_references_only_those_classes(suite_file, tmp_path):
+    text = suite_file.read_text().replace(f"out_dir: {suite_file.parent / 'out'}", f"out_dir: {tmp_path / 'out'}")
+    subset = tmp_path / "subset.yaml"
+    subset.write_text(text + "classes: [smooth_blobs]\n")
+    run(build_config(EvalConfig, [], [f"suite={subset}"]))
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["protocol"]["n"] == {"teacher": 2, "teacher_1step": 2, "reference": 2}
+    for folder in ("samples/teacher", "reference"):
+        recs = [json.loads(x) for x in (tmp_path / "out" / folder / "manifest.jsonl").read_text().splitlines()]
+        assert {r["class_name"] for r in recs} == {"smooth_blobs"}, folder
+    subset.write_text(text + "classes: [checkers]\n")
+    with pytest.raises(UserError, match=r"'checkers'.*names: stripes_high, smooth_blobs"):
+        run(build_config(EvalConfig, [], [f"suite={subset}"]))

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from dmd_dar.cli import main
+from dmd_dar.errors import UserError
+from dmd_dar.sampling import resolve_classes
 from dmd_dar.training.checkpoint import Checkpointer
 
 
@@ -30,6 +32,10 @@ def test_resume_gives_the_same_next_loss(tmp_path):
     assert main(["sample", f"checkpoint={tmp_path / 'split' / 'export'}", "num_per_class=1", "steps=2",
                  f"out_dir={tmp_path / 's'}"]) == 0
     assert len((tmp_path / "s" / "manifest.jsonl").read_text().splitlines()) == 8
+    assert main(["sample", f"checkpoint={tmp_path / 'split' / 'export'}", "num_per_class=1", "steps=2",
+                 "classes=[rings,4]", f"out_dir={tmp_path / 's2'}"]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "s2" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["class_id"], r["class_name"]) for r in recs] == [(5, "rings"), (4, "checkers")]
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -96,3 +102,15 @@ def test_cosine_decay_makes_the_step_count_part_of_the_resume_check(tmp_path, ca
     assert main(_args(tmp_path / "run", 4, "optim.decay=cosine")) == 2  # constant decay would resume
     assert "run.steps" in capsys.readouterr().err
     assert main(_args(tmp_path / "const", 2)) == 0 and main(_args(tmp_path / "const", 4)) == 0
+
+
+def test_class_selection_takes_ids_and_names_in_order():
+    names = ["smooth_blobs", "checkers", "rings"]
+    assert resolve_classes(None, names, 3) == [0, 1, 2]
+    assert resolve_classes(["rings", 0, "1"], names, 3) == [2, 0, 1]
+    with pytest.raises(UserError, match="classes contains 3, but the model has classes 0..2"):
+        resolve_classes([3], names, 3)
+    with pytest.raises(UserError, match="'zebra'.*names: smooth_blobs, checkers, rings"):
+        resolve_classes(["zebra"], names, 3)
+    with pytest.raises(UserError, match="names a class twice"):
+        resolve_classes(["rings", 2], names, 3)

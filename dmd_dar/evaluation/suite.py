@@ -65,7 +65,7 @@ class SuiteConfig:
     out_dir: str = "runs/eval/suite"
     models: list[SuiteModel] = field(default_factory=list)
     num_per_class: int = 16  # class-conditional models
-    classes: list[int] | None = None  # default: every class of the model
+    classes: list[Any] | None = None  # class ids or names (e.g. [checkers, rings]); default: every class
     prompts: str | None = None  # T2I: a prompt file, one prompt per line ('#' lines are comments)
     num_prompts: int | None = None  # default: every prompt
     num_per_prompt: int = 4  # seeds per prompt (LPIPS diversity needs >= 2)
@@ -132,7 +132,14 @@ def _complete(folder: Path, stamp: dict[str, Any], expected: int) -> bool:
 
 def _sample_model(m: SuiteModel, suite: SuiteConfig, suite_file: Path, folder: Path) -> dict[str, Any]:
     from dmd_dar.metrics.protocol import file_fingerprint
-    from dmd_dar.sampling import SampleConfig, resolve_checkpoint, resolve_device, sample_folder
+    from dmd_dar.models import read_config
+    from dmd_dar.sampling import (
+        SampleConfig,
+        resolve_checkpoint,
+        resolve_classes,
+        resolve_device,
+        sample_folder,
+    )
 
     if suite.prompts:
         raise UserError(f"model '{m.name}': dmd-dar exports are class-conditional and cannot be sampled from prompts; "
@@ -141,30 +148,32 @@ def _sample_model(m: SuiteModel, suite: SuiteConfig, suite_file: Path, folder: P
         ckpt = resolve_checkpoint(str(_resolve(m.checkpoint, suite_file)))
     except UserError as e:
         raise UserError(f"suite model '{m.name}': {e}") from None
+    meta = json.loads((ckpt / "dmd_dar.json").read_text())
+    names = list(meta.get("class_names", []))
+    try:
+        classes = resolve_classes(suite.classes, names, read_config(ckpt / "model.safetensors").num_classes)
+    except UserError as e:
+        raise UserError(f"suite model '{m.name}': {e}") from None
     stamp = {"suite": suite.name, "model": m.name, "checkpoint": str(ckpt.resolve()),
              "weights": file_fingerprint(ckpt / "model.safetensors")["sha256"], "steps": m.steps,
              "cfg_scale": m.cfg_scale, "sampler": m.sampler, "num_per_class": suite.num_per_class,
-             "classes": suite.classes, "seed": suite.seed}
-    meta = json.loads((ckpt / "dmd_dar.json").read_text())
-    n_classes = len(suite.classes) if suite.classes is not None else None
-    if n_classes is None:
-        from dmd_dar.models import read_config
-
-        n_classes = max(read_config(ckpt / "model.safetensors").num_classes, 1)
-    expected = n_classes * suite.num_per_class
+             "classes": None if suite.classes is None else classes, "seed": suite.seed}
+    # The classes this folder holds, by name: the procedural reference is rendered for exactly these.
+    sampled_names = [names[c] for c in classes if c < len(names)]
+    expected = len(classes) * suite.num_per_class
     if _complete(folder, stamp, expected):
         print(f"suite: {m.name}: {folder} is complete ({expected} images), skipping")
-        return {**stamp, "generated": False}
+        return {**stamp, "class_names": sampled_names, "generated": False}
     from dmd_dar.artifact import load_artifact
 
     model, meta_obj = load_artifact(ckpt, device=str(resolve_device(suite.device)))
     cfg = SampleConfig(checkpoint=str(ckpt), out_dir=str(folder), num_per_class=suite.num_per_class,
-                       classes=suite.classes, seed=suite.seed, steps=m.steps, cfg_scale=m.cfg_scale,
+                       classes=classes, seed=suite.seed, steps=m.steps, cfg_scale=m.cfg_scale,
                        sampler=m.sampler, batch_size=suite.batch_size, device=suite.device)
     print(f"suite: sampling {m.name} ({meta['role']}) -> {folder}")
     sample_folder(model, meta_obj, folder, cfg)
     atomic_write_json(stamp, folder / STAMP)
-    return {**stamp, "generated": True}
+    return {**stamp, "class_names": sampled_names, "generated": True}
 
 
 def _external_model(m: SuiteModel, suite: SuiteConfig, suite_file: Path, out_dir: Path) -> dict[str, Any]:
@@ -259,8 +268,7 @@ def prepare_suite(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, Any]]:
         if m.checkpoint is not None:
             folder = out_dir / "samples" / m.name
             infos.append(_sample_model(m, suite, suite_file, folder))
-            meta = json.loads((Path(infos[-1]["checkpoint"]) / "dmd_dar.json").read_text())
-            class_names += [c for c in meta.get("class_names", []) if c not in class_names]
+            class_names += [c for c in infos[-1]["class_names"] if c not in class_names]
         else:
             infos.append(_external_model(m, suite, suite_file, out_dir))
             folder = Path(infos[-1]["samples"])
