@@ -54,11 +54,12 @@ def test_to_dar_is_function_preserving(query, chunk, summary):
     torch.testing.assert_close(dar.t_embedder.mlp[2].weight, model.t_embedder.mlp[2].weight)
 
 
-def test_to_dar_is_function_preserving_with_relative_position_bias():
-    """The embedded teacher's architecture (learned attention bias tables) converts exactly as well."""
-    model = _trained_residual(relative_position_bias=True)
+@pytest.mark.parametrize("mlp_conv", [0, 3])
+def test_to_dar_is_function_preserving_with_relative_position_bias(mlp_conv):
+    """The embedded teacher's architecture (learned attention bias tables, convolutional MLP) converts exactly."""
+    model = _trained_residual(relative_position_bias=True, mlp_conv=mlp_conv)
     dar = to_dar(model, RoutingConfig(kind="dar", query="static_t", chunk_size=4))
-    assert dar.cfg.relative_position_bias
+    assert dar.cfg.relative_position_bias and dar.cfg.mlp_conv == mlp_conv
     x, t, y = _inputs(model)
     torch.testing.assert_close(dar(x, t, y), model(x, t, y), atol=1e-5, rtol=1e-5)
 
@@ -159,11 +160,11 @@ def test_to_residual_round_trip_and_guard():
         to_dar(model, RoutingConfig(kind="residual"))
 
 
-@pytest.mark.parametrize("routing, bias", [(RoutingConfig(), False),
-                                           (RoutingConfig(kind="dar", query="static_t", chunk_size=2), False),
-                                           (RoutingConfig(), True)])
-def test_save_load_round_trip(tmp_path, routing, bias):
-    model = _trained_residual(routing=routing, relative_position_bias=bias)
+@pytest.mark.parametrize("routing, bias, conv", [(RoutingConfig(), False, 0),
+                                                 (RoutingConfig(kind="dar", query="static_t", chunk_size=2), False, 0),
+                                                 (RoutingConfig(), True, 3)])
+def test_save_load_round_trip(tmp_path, routing, bias, conv):
+    model = _trained_residual(routing=routing, relative_position_bias=bias, mlp_conv=conv)
     with torch.no_grad():
         for p in routing_parameters(model):
             p.normal_(0.0, 0.5)

@@ -7,7 +7,7 @@ import torch
 
 from dmd_dar.errors import UserError
 from dmd_dar.models import ModelConfig, build_model, param_groups, preset_config
-from dmd_dar.models.layers import RelativePositionBias, sincos_2d, timestep_features
+from dmd_dar.models.layers import Mlp, RelativePositionBias, sincos_2d, timestep_features
 from dmd_dar.routing import RoutingConfig, routing_parameters
 
 DAR = dict(kind="dar", query="static_t", chunk_size=2)
@@ -64,6 +64,9 @@ def test_scalar_t_broadcasts():
     ("depth", dict(depth=0)),
     ("class_dropout_prob", dict(class_dropout_prob=1.5)),
     ("num_classes", dict(num_classes=-1)),
+    ("mlp_conv", dict(mlp_conv=2)),
+    ("mlp_conv", dict(mlp_conv=-3)),
+    ("mlp_conv", dict(mlp_conv=True)),
 ])
 def test_bad_config_names_the_key(key, overrides):
     with pytest.raises(UserError, match=f"model.{key}"):
@@ -153,6 +156,42 @@ def test_relative_position_bias_starts_as_the_plain_sit_and_learns():
     assert all(id(b.attn.position_bias.table) in groups["no_decay"] for b in biased.blocks)
     with pytest.raises(UserError, match="model.relative_position_bias"):
         _tiny(relative_position_bias="yes")
+
+
+def test_mlp_conv_closed_form():
+    """hidden(r, c) = fc1(x)(r, c) + sum over taps w[i, j] * fc1(x)(r + i - 1, c + j - 1), zero outside the grid;
+    with one tap (the right neighbour) set, each token adds its right neighbour's fc1 features, channel by channel."""
+    grid, d, m = 3, 4, 6
+    mlp = Mlp(d, m, conv_kernel=3, grid_size=grid)
+    scale = torch.arange(1.0, m + 1)
+    with torch.no_grad():
+        mlp.dwconv.weight[:, 0, 1, 2] = scale  # tap (row +0, col +1), per-channel weight
+    x = torch.randn(2, grid * grid, d)
+    h = mlp.fc1(x).detach()  # [B, T, M], tokens row-major
+    right = torch.zeros_like(h)
+    for r in range(grid):
+        for c in range(grid - 1):
+            right[:, r * grid + c] = h[:, r * grid + c + 1]
+    expected = mlp.fc2(mlp.act(h + scale * right))
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_mlp_conv_starts_as_the_plain_sit_and_learns():
+    """Zero-initialised: with the other weights copied, the model equals the one without the convolution; a non-zero
+    kernel changes the output and gradients reach every kernel."""
+    base = _randomise(build_model(_tiny(hidden_size=64, relative_position_bias=True))).eval()
+    conv = build_model(_tiny(hidden_size=64, relative_position_bias=True, mlp_conv=3)).eval()
+    missing = conv.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"blocks.{k}.mlp.dwconv.{n}" for k in range(base.cfg.depth)
+                                     for n in ("weight", "bias"))
+    x, t, y = _inputs(base.cfg)
+    torch.testing.assert_close(conv(x, t, y), base(x, t, y))
+    with torch.no_grad():
+        conv.blocks[0].mlp.dwconv.weight.normal_(0.0, 1.0)
+    assert not torch.allclose(conv(x, t, y), base(x, t, y), atol=1e-4)
+    conv(x, t, y).pow(2).mean().backward()
+    for block in conv.blocks:
+        assert block.mlp.dwconv.weight.grad.abs().sum() > 0 and block.mlp.dwconv.bias.grad.abs().sum() > 0
 
 
 def test_unpatchify_inverts_patch_layout():

@@ -26,6 +26,8 @@ class ModelConfig:
     relative_position_bias: add a learned, zero-initialised bias per head and 2-D patch offset to the attention
                          logits (Swin's relative position bias) on top of the sin-cos positions; the embedded
                          teacher uses it (see ``dmd_dar.models.layers.RelativePositionBias`` for why).
+    mlp_conv:            0 = off; k (odd) = a zero-initialised depthwise k x k convolution over the patch grid
+                         inside every MLP (``dmd_dar.models.layers.Mlp`` says why).
     routing:             residual connections or DAR (``dmd_dar.routing.RoutingConfig``).
     gradient_checkpointing: recompute each sublayer in backward (the router's aggregation is not recomputed).
     """
@@ -41,6 +43,7 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
     relative_position_bias: bool = False
+    mlp_conv: int = 0
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     gradient_checkpointing: bool = False
 
@@ -65,6 +68,9 @@ class ModelConfig:
                             "(2-D sin-cos position embeddings split it in four)")
         if not isinstance(self.relative_position_bias, bool):
             raise UserError(f"model.relative_position_bias={self.relative_position_bias!r} must be true or false")
+        if (not isinstance(self.mlp_conv, int) or isinstance(self.mlp_conv, bool) or self.mlp_conv < 0
+                or (self.mlp_conv and self.mlp_conv % 2 == 0)):
+            raise UserError(f"model.mlp_conv={self.mlp_conv!r} must be 0 (off) or an odd kernel size such as 3")
         if not self.mlp_ratio > 0:
             raise UserError(f"model.mlp_ratio={self.mlp_ratio} must be > 0")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:

@@ -72,7 +72,8 @@ class SiT(nn.Module):
         grid = cfg.image_size // cfg.patch_size
         self.register_buffer("pos_embed", sincos_2d(d, grid).unsqueeze(0), persistent=False)  # [1, T, D]
         bias_grid = grid if cfg.relative_position_bias else None  # each block learns its own bias table
-        self.blocks = nn.ModuleList(SiTBlock(d, cfg.num_heads, cfg.mlp_ratio, bias_grid) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(SiTBlock(d, cfg.num_heads, cfg.mlp_ratio, bias_grid, cfg.mlp_conv, grid)
+                                    for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
         self.router = build_router(cfg.routing, cfg.num_sublayers, d)
         self.initialize_weights()
