@@ -42,7 +42,7 @@ SIZES = {
     # SiT-XL/2 width and depth on 256^2 images through the SD-VAE: 32x32x4 latents, patch 2 -> 256 tokens.
     "xl": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
                num_classes=1000),
-    # The embedded teacher's architecture (d 128, depth 6, 4 heads, patch 4, 8 classes, relative position bias).
+    # The embedded teacher's architecture (d 128, depth 6, 4 heads, patch 4, 8 classes, attention bias, conv MLP).
     "embedded": dict(PRESETS["embedded"]),
 }
 # (name, routing or None for residual); each DAR variant runs lean and reference.

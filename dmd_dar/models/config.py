@@ -13,7 +13,7 @@ from dmd_dar.routing import RoutingConfig
 @dataclass
 class ModelConfig:
     """Architecture of a native SiT/DiT. Defaults are the sizes of the project's ``embedded`` teacher (whose
-    config, like the ``embedded`` preset, also turns on ``relative_position_bias``).
+    config, like the ``embedded`` preset, also turns on ``relative_position_bias`` and ``mlp_conv=3``).
 
     image_size:          input side length (pixels or latent cells); must be divisible by patch_size.
     in_channels:         input channels (3 for RGB pixels, 4 for SD-VAE latents).
@@ -119,7 +119,7 @@ _SIT_LATENT = dict(image_size=32, in_channels=4, patch_size=2, num_classes=1000)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=16, in_channels=3, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=4),
     "embedded": dict(image_size=32, in_channels=3, patch_size=4, hidden_size=128, depth=6, num_heads=4,
-                     num_classes=8, relative_position_bias=True),
+                     num_classes=8, relative_position_bias=True, mlp_conv=3),
     "SiT-S/2": dict(_SIT_LATENT, hidden_size=384, depth=12, num_heads=6),
     "SiT-B/2": dict(_SIT_LATENT, hidden_size=768, depth=12, num_heads=12),
     "SiT-L/2": dict(_SIT_LATENT, hidden_size=1024, depth=24, num_heads=16),
