@@ -167,10 +167,10 @@ class Mlp(nn.Module):
 
     The convolution (``conv_kernel`` x ``conv_kernel``, one filter per hidden channel, zero-initialised, so a fresh
     model computes exactly the plain MLP) gives each token its neighbours' features through weights specific to
-    each offset, which attention, a weighted average through one value projection, cannot. Why it exists: the
-    embedded teacher draws checkers, rings and dots as mazes (the right local period, phase and orientation
+    each offset, which attention, a weighted average through one value projection, cannot. Why it exists: without
+    it the embedded teacher drew checkers, rings and dots as mazes (the right local period, phase and orientation
     defects between neighbouring patches); continuing a lattice's phase from patch to patch is an offset-specific
-    linear map (the same idea as SegFormer's Mix-FFN and the convolutions of hybrid diffusion transformers).
+    linear map (the same idea as SegFormer's Mix-FFN). The teacher's README has the measurements.
     """
 
     def __init__(self, hidden_size: int, mlp_hidden: int, conv_kernel: int = 0, grid_size: int | None = None) -> None:
