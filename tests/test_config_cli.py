@@ -76,3 +76,13 @@ def test_validation_runs_after_merging(capsys):
 def test_override_without_equals_is_rejected(capsys):
     assert main(["distill", "--dry-run", "method.ttur"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_runs_in_one_process_may_change_mixed_precision(tmp_path):
+    """The study runs fp32 distillation and then bf16 teacher pretraining in one process; accelerate's global state
+    must not pin the first run's precision."""
+    from dmd_dar.training.run import RunConfig, make_accelerator
+
+    for precision in ("no", "bf16", "no"):
+        run = RunConfig(out_dir=str(tmp_path / precision), mixed_precision=precision, log_with="none", cpu=True)
+        assert make_accelerator(run, "test").mixed_precision == precision

@@ -61,6 +61,7 @@ def make_accelerator(run: RunConfig, project: str):
             import wandb  # noqa: F401
         except ImportError as exc:
             raise UserError("run.log_with=wandb needs the wandb package: pip install 'dmd-dar[wandb]'") from exc
+    _release_accelerator_state(run.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=run.grad_accum,
@@ -69,3 +70,19 @@ def make_accelerator(run: RunConfig, project: str):
         project_config=ProjectConfiguration(project_dir=run.out_dir, logging_dir=os.path.join(run.out_dir, "logs")),
     )
     return accelerator
+
+
+def _release_accelerator_state(mixed_precision: str) -> None:
+    """Let this process start a run with another mixed precision than its previous run.
+
+    accelerate keeps one process-global ``AcceleratorState`` and refuses a second ``Accelerator`` with a different
+    ``mixed_precision``; runs made one after another in one process (``dmd-dar study``: fp32 distillation, then
+    teacher pretraining in the teacher config's bf16) must each get their own. Only that state is reset; the
+    ``PartialState`` (process group, device) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
