@@ -9,6 +9,7 @@ from dmd_dar.cli import main
 from dmd_dar.errors import UserError
 from dmd_dar.sampling import resolve_classes
 from dmd_dar.training.checkpoint import Checkpointer
+from dmd_dar.training.optim import OptimConfig
 
 
 def _args(out: Path, steps: int, *extra: str) -> list[str]:
@@ -102,6 +103,18 @@ def test_cosine_decay_makes_the_step_count_part_of_the_resume_check(tmp_path, ca
     assert main(_args(tmp_path / "run", 4, "optim.decay=cosine")) == 2  # constant decay would resume
     assert "run.steps" in capsys.readouterr().err
     assert main(_args(tmp_path / "const", 2)) == 0 and main(_args(tmp_path / "const", 4)) == 0
+
+
+def test_cosine_with_decay_steps_trains_in_stages_on_one_schedule(tmp_path):
+    """optim.decay_steps fixes the cosine's end, so a run may grow run.steps on resume (the study's staged
+    pretraining) and continues exactly as one uninterrupted run."""
+    cosine = ("optim.decay=cosine", "optim.decay_steps=4", "optim.warmup_steps=1")
+    assert main(_args(tmp_path / "full", 4, *cosine)) == 0
+    assert main(_args(tmp_path / "staged", 2, *cosine)) == 0 and main(_args(tmp_path / "staged", 4, *cosine)) == 0
+    full, staged = _losses(tmp_path / "full"), _losses(tmp_path / "staged")
+    assert full[3] == staged[3] and full[4] == staged[4]
+    with pytest.raises(UserError, match="optim.decay_steps=0"):
+        OptimConfig(decay_steps=0)
 
 
 def test_class_selection_takes_ids_and_names_in_order():

@@ -142,8 +142,9 @@ def run(cfg: DistillConfig) -> Path:
     if gan_head is not None:
         f_groups.append({"params": list(gan_head.parameters()), "lr": cfg.fake_optim.lr, "weight_decay": 0.0})
     f_opt = build_optimizer(f_groups, cfg.fake_optim)
-    g_sched = lr_schedule(g_opt, cfg.generator_optim, math.ceil(cfg.run.steps / cfg.method.ttur))  # its updates
-    f_sched = lr_schedule(f_opt, cfg.fake_optim, cfg.run.steps)
+    g_updates = math.ceil(cfg.generator_optim.horizon(cfg.run.steps) / cfg.method.ttur)  # its own update count
+    g_sched = lr_schedule(g_opt, cfg.generator_optim, g_updates)
+    f_sched = lr_schedule(f_opt, cfg.fake_optim, cfg.fake_optim.horizon(cfg.run.steps))
     # None: grids and export use the raw student. Under FSDP the EMA averages each process's shard (made below).
     ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 and not fsdp else None
     guard = BadStepGuard(cfg.max_bad_steps)

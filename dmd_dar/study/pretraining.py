@@ -50,7 +50,9 @@ def teacher_config(suite: StudySuite, suite_file: Path, run: PretrainRun, steps:
 
     p = suite.pretraining
     layers = [resolve_path(x, suite_file) for x in p.config]
-    plumbing = [f"run.out_dir={run.run_dir}", f"run.seed={run.seed}", f"run.steps={steps}", "run.log_with=none",
+    # Every stage trains on the schedule of the whole run (a cosine decay would otherwise end at each stage).
+    plumbing = [f"run.out_dir={run.run_dir}", f"run.seed={run.seed}", f"run.steps={steps}",
+                f"optim.decay_steps={p.steps}", "run.log_with=none",
                 f"run.log_every={p.log_every}", "run.sample_every=0", f"run.ckpt_every={p.ckpt_every}",
                 f"run.progress={str(progress).lower()}", "run.resume=true"]
     if device == "cpu":

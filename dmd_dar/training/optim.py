@@ -22,6 +22,9 @@ class OptimConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     decay: str = "constant"  # after the warm-up: "constant" or "cosine" (to 0 at the run's last update)
+    # Run steps at which a cosine decay reaches 0 (None: the run's run.steps). Set it to train in stages on one
+    # schedule: a run resumed with a larger run.steps then continues the same curve.
+    decay_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -30,6 +33,12 @@ class OptimConfig:
             raise UserError(f"optim.lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
             raise UserError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise UserError(f"optim.decay_steps={self.decay_steps} must be >= 1, or null for the run's run.steps")
+
+    def horizon(self, run_steps: int) -> int:
+        """The run step at which a cosine decay reaches 0."""
+        return self.decay_steps if self.decay_steps is not None else run_steps
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -54,7 +63,8 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_update
 
 
 def resumable_changes(keys: tuple[str, ...], *configs: OptimConfig) -> tuple[str, ...]:
-    """``keys`` without ``run.steps`` when a cosine decay makes the run length part of the schedule."""
-    if any(c.decay == "cosine" for c in configs):
+    """``keys`` without ``run.steps`` when a cosine decay over the run's own length makes it part of the schedule
+    (an explicit ``decay_steps`` fixes the schedule, so ``run.steps`` may then grow on resume)."""
+    if any(c.decay == "cosine" and c.decay_steps is None for c in configs):
         return tuple(k for k in keys if k != "run.steps")
     return keys

@@ -69,7 +69,7 @@ def run(cfg: TeacherConfig) -> Path:
     model = build_model(cfg.model)
     optimizer = build_optimizer(param_groups(model, cfg.optim.lr, cfg.optim.routing_lr, cfg.optim.weight_decay),
                                 cfg.optim)
-    scheduler = lr_schedule(optimizer, cfg.optim, cfg.run.steps)
+    scheduler = lr_schedule(optimizer, cfg.optim, cfg.optim.horizon(cfg.run.steps))
     ema = EMA(model, cfg.ema_decay)
     start = 0
     if resume_from is not None:
