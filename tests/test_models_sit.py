@@ -137,21 +137,32 @@ def test_relative_position_bias_closed_form():
     assert bias[0, 1, at(0, 0), at(1, 1)] == bias[0, 1, at(1, 1), at(2, 2)]
 
 
+def _assert_zero_initialised_addition(base_overrides: dict, extra: dict, added) -> torch.nn.Module:
+    """The contract of a zero-initialised architecture option: loaded with a base model's (non-zero) weights, only
+    the option's tensors are missing and the output is the base model's; perturbing block 0's first added tensor
+    changes the output, and gradients reach every added tensor of every block. ``added(block)`` names them
+    (``{state-dict suffix: parameter}``). Returns the model with the option."""
+    base = _randomise(build_model(_tiny(hidden_size=64, **base_overrides))).eval()
+    model = build_model(_tiny(hidden_size=64, **base_overrides, **extra)).eval()
+    missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"blocks.{k}.{name}" for k, block in enumerate(model.blocks)
+                                     for name in added(block))
+    x, t, y = _inputs(base.cfg)
+    torch.testing.assert_close(model(x, t, y), base(x, t, y))
+    with torch.no_grad():
+        next(iter(added(model.blocks[0]).values())).normal_(0.0, 1.0)
+    assert not torch.allclose(model(x, t, y), base(x, t, y), atol=1e-4)
+    model(x, t, y).pow(2).mean().backward()
+    for block in model.blocks:
+        assert all(p.grad.abs().sum() > 0 for p in added(block).values())
+    return model
+
+
 def test_relative_position_bias_starts_as_the_plain_sit_and_learns():
     """Zero-initialised: with the other weights copied, the model equals the one without the bias; a non-zero table
     changes the output, gradients reach every table, and the tables are not weight-decayed."""
-    base = _randomise(build_model(_tiny(hidden_size=64))).eval()
-    biased = build_model(_tiny(hidden_size=64, relative_position_bias=True)).eval()
-    missing = biased.load_state_dict(base.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == [f"blocks.{k}.attn.position_bias.table" for k in range(base.cfg.depth)]
-    x, t, y = _inputs(base.cfg)
-    torch.testing.assert_close(biased(x, t, y), base(x, t, y))
-    with torch.no_grad():
-        biased.blocks[0].attn.position_bias.table.normal_(0.0, 1.0)
-    assert not torch.allclose(biased(x, t, y), base(x, t, y), atol=1e-4)
-    biased(x, t, y).pow(2).mean().backward()
-    for block in biased.blocks:
-        assert block.attn.position_bias.table.grad.abs().sum() > 0
+    biased = _assert_zero_initialised_addition(
+        {}, {"relative_position_bias": True}, lambda b: {"attn.position_bias.table": b.attn.position_bias.table})
     groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(biased, lr=1e-4, weight_decay=0.1)}
     assert all(id(b.attn.position_bias.table) in groups["no_decay"] for b in biased.blocks)
     with pytest.raises(UserError, match="model.relative_position_bias"):
@@ -179,19 +190,9 @@ def test_mlp_conv_closed_form():
 def test_mlp_conv_starts_as_the_plain_sit_and_learns():
     """Zero-initialised: with the other weights copied, the model equals the one without the convolution; a non-zero
     kernel changes the output and gradients reach every kernel."""
-    base = _randomise(build_model(_tiny(hidden_size=64, relative_position_bias=True))).eval()
-    conv = build_model(_tiny(hidden_size=64, relative_position_bias=True, mlp_conv=3)).eval()
-    missing = conv.load_state_dict(base.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == sorted(f"blocks.{k}.mlp.dwconv.{n}" for k in range(base.cfg.depth)
-                                     for n in ("weight", "bias"))
-    x, t, y = _inputs(base.cfg)
-    torch.testing.assert_close(conv(x, t, y), base(x, t, y))
-    with torch.no_grad():
-        conv.blocks[0].mlp.dwconv.weight.normal_(0.0, 1.0)
-    assert not torch.allclose(conv(x, t, y), base(x, t, y), atol=1e-4)
-    conv(x, t, y).pow(2).mean().backward()
-    for block in conv.blocks:
-        assert block.mlp.dwconv.weight.grad.abs().sum() > 0 and block.mlp.dwconv.bias.grad.abs().sum() > 0
+    _assert_zero_initialised_addition(
+        {"relative_position_bias": True}, {"mlp_conv": 3},
+        lambda b: {"mlp.dwconv.weight": b.mlp.dwconv.weight, "mlp.dwconv.bias": b.mlp.dwconv.bias})
 
 
 def test_unpatchify_inverts_patch_layout():
