@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the embedded teacher on the lent GPU machine with the committed config (same command as on CPU); extra
-# arguments are config overrides, e.g. for the order-of-magnitude longer run the lattice classes need:
-#   bash eval/gpu_train_teacher.sh run.steps=60000 optim.decay=cosine run.mixed_precision=bf16 model.mlp_conv=3
+# arguments are config overrides, e.g. for the order-of-magnitude longer run the lattice classes need (the config
+# already has the convolutional MLP, bf16 and the cosine decay, whose end follows run.steps):
+#   bash eval/gpu_train_teacher.sh run.steps=60000
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
