@@ -9,6 +9,7 @@ Config layers and overrides are applied in order on top of the command's default
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 from dataclasses import dataclass
@@ -107,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dmd-dar {command.name}: interrupted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
+    finally:
+        # A run leaves its wrapped models (FSDP above all) in reference cycles that hold the process group. Left to
+        # the interpreter's shutdown, the gloo group's threads are torn down with half an interpreter and the
+        # process can abort after a successful run (SIGABRT, "terminate called without an active exception").
+        gc.collect()
     return 0
 
 

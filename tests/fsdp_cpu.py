@@ -8,8 +8,13 @@ state say FSDP after its own set-up on CPU. Everything else (the wrapping, shard
     accelerate launch --use_fsdp --num_processes 2 ... tests/fsdp_cpu.py dmd_dar.cli distill ... run.cpu=true
 
 with ``--fsdp_sync_module_states false --fsdp_cpu_ram_efficient_loading false`` (both look for a GPU).
+
+When the module exits, the shim also checks that it left no FSDP module alive for the interpreter's shutdown to
+collect (exit status 3 otherwise): such leftovers hold the gloo process group and made runs abort at exit now and
+then.
 """
 
+import gc
 import os
 import runpy
 import sys
@@ -33,6 +38,21 @@ def _init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 accelerate.state.AcceleratorState.__init__ = _init_fsdp_on_cpu
 
+
+
+def _surviving_fsdp_modules() -> int:
+    """FSDP modules still allocated, counted without running the cyclic collector (which would free them)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return sum(isinstance(o, FullyShardedDataParallel) for o in gc.get_objects())
+
+
 if __name__ == "__main__":
     module, sys.argv = sys.argv[1], sys.argv[1:]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        left = _surviving_fsdp_modules()
+        if left:
+            print(f"fsdp_cpu.py: {module} exited with {left} FSDP modules still alive", file=sys.stderr)
+            os._exit(3)
