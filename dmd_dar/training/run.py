@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmd_dar.errors import UserError
+from dmd_dar.utils.cpu_memory import retain_freed_memory
 
 log = logging.getLogger("dmd_dar")
 
@@ -69,6 +70,8 @@ def make_accelerator(run: RunConfig, project: str):
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=run.out_dir, logging_dir=os.path.join(run.out_dir, "logs")),
     )
+    if accelerator.device.type == "cpu":  # activations live in host memory: stop handing them back to the OS
+        retain_freed_memory()
     return accelerator
 
 
