@@ -16,6 +16,9 @@ Variants are interleaved (one step of each, in rotating order, per timed round) 
     python eval/bench_dar_overhead.py --device cpu                       # both sizes, both lean layouts
     python eval/bench_dar_overhead.py --device cpu --sizes embedded --layouts per_source
     python eval/bench_dar_overhead.py --device cuda --dtype bf16 --batch 32 --json bench.json
+
+On CPU the process keeps freed memory, as CPU training runs do (``dmd_dar/utils/cpu_memory.py``);
+``--cpu-memory release`` measures under glibc's default policy instead.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dmd_dar.models import PRESETS, ModelConfig, build_model  # noqa: E402
 from dmd_dar.routing import RoutingConfig, build_router  # noqa: E402
 from dmd_dar.routing.config import LEAN_LAYOUTS  # noqa: E402
+from dmd_dar.utils.cpu_memory import retain_freed_memory  # noqa: E402
 
 SIZES = {
     # SiT-XL/2 width and depth on 256^2 images through the SD-VAE: 32x32x4 latents, patch 2 -> 256 tokens.
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated lean layouts to run: stacked, per_source (default: both on CPU, "
                              "stacked on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--cpu-memory", choices=["retain", "release"], default="retain",
+                        help="CPU: keep freed memory in the process as training runs do (retain), or glibc's "
+                             "default of handing it back to the OS (release)")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this file")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -273,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    retained = device.type == "cpu" and args.cpu_memory == "retain" and retain_freed_memory()
+    if device.type == "cpu":
+        print(f"CPU memory policy: {'retain freed memory' if retained else 'glibc default (release)'}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -284,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, args.device, args.dtype)
     if args.json:
         env = dict(torch=torch.__version__, python=platform.python_version(), device=args.device, dtype=args.dtype,
-                   threads=torch.get_num_threads(),
+                   threads=torch.get_num_threads(), cpu_memory_retained=retained,
                    gpu=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor())
         Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=2) + "\n")
     return 0
