@@ -39,7 +39,6 @@ def _init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 accelerate.state.AcceleratorState.__init__ = _init_fsdp_on_cpu
 
 
-
 def _surviving_fsdp_modules() -> int:
     """FSDP modules still allocated, counted without running the cyclic collector (which would free them)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -55,4 +54,6 @@ if __name__ == "__main__":
         left = _surviving_fsdp_modules()
         if left:
             print(f"fsdp_cpu.py: {module} exited with {left} FSDP modules still alive", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(3)

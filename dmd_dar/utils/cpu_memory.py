@@ -2,8 +2,8 @@
 
 With glibc's default policy every training pass hands the top of its heap back to the operating system when its
 activations are freed, and the next pass page-faults the same memory back in (the kernel zero-fills every page).
-On the embedded DMD2 job that costs about 6% of each iteration, most of it inside the teacher's forward, which
-runs while the student's graph holds the heap below. Two ``mallopt`` settings stop the round trip:
+In the embedded DMD2 trainer that cost 7-9% of each iteration (``eval/bench_distill.py``, one thread), most of it
+inside the teacher's forward, which runs while the student's graph holds the heap below it. Two ``mallopt`` settings stop the round trip:
 
 - ``M_MMAP_THRESHOLD`` at glibc's maximum (32 MiB on 64-bit): tensors below it come from the heap. Setting any
   option turns glibc's self-tuning of this threshold off, so it has to be set explicitly along with the next one.
