@@ -71,7 +71,8 @@ def run_and_watch(cmd: list[str], metrics: Path, log: Path) -> tuple[float, list
             seen = 0
             while not done.is_set():
                 if metrics.is_file():
-                    lines = metrics.read_text().splitlines()
+                    text = metrics.read_text()
+                    lines = text[:text.rfind("\n") + 1].splitlines()  # a line still being written waits
                     now = time.perf_counter() - start
                     for line in lines[seen:]:
                         if line.strip():
