@@ -7,6 +7,7 @@
 #   bash eval/gpu_train_teacher.sh run.batch_size=256 optim.lr=2e-3         # 4x the images a step
 # Then, on the CPU machine: dmd-dar eval suite=<a copy of eval/suites/teacher.yaml pointing at the export>.
 set -euo pipefail
+: "${OUT:?set OUT to the folder the results go to (the device tool sets it)}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
