@@ -78,10 +78,12 @@ def test_freed_memory_stays_in_the_process_only_with_the_policy(mode):
 
 @glibc_only
 def test_cpu_runs_apply_it(tmp_path, monkeypatch):
+    from dmd_dar.training import run
     from dmd_dar.training.run import RunConfig, make_accelerator
 
     for key in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(key)
-    monkeypatch.setattr(cpu_memory, "_applied", False)
+    results = []
+    monkeypatch.setattr(run, "retain_freed_memory", lambda: results.append(retain_freed_memory()))
     make_accelerator(RunConfig(out_dir=str(tmp_path), cpu=True, log_with="none"), "test")
-    assert cpu_memory._applied is True
+    assert results == [True]

@@ -88,4 +88,3 @@ def _release_accelerator_state(mixed_precision: str) -> None:
     previous = AcceleratorState._shared_state.get("_mixed_precision")
     if previous is not None and previous != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-

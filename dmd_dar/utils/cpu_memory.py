@@ -27,8 +27,6 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
-_applied = False
-
 
 def _glibc():
     """The C library when it is glibc (which has ``mallopt``), else None (musl, macOS, Windows)."""
@@ -43,24 +41,16 @@ def _glibc():
 
 
 def retain_freed_memory(libc=None, environ=None) -> bool:
-    """Apply the policy above (once per process); True when it is in force after the call.
+    """Apply the policy above (idempotent); True when it is in force after the call.
 
-    ``libc`` and ``environ`` default to the process's C library and environment; tests pass stand-ins, which
-    neither read nor set the process's record of having applied it.
+    ``libc`` and ``environ`` default to the process's C library and environment (tests pass stand-ins).
     """
-    global _applied
-    process = libc is None
-    if process and _applied:
-        return True
     environ = os.environ if environ is None else environ
     if any(key.startswith("MALLOC_") for key in environ):
         return False
-    libc = _glibc() if process else libc
+    libc = _glibc() if libc is None else libc
     if libc is None:
         return False
     # mallopt returns 1 on success and 0 on error; the trim threshold only matters with the mmap one in place
-    applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    if process:
-        _applied = applied
-    return applied
