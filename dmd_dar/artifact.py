@@ -33,6 +33,12 @@ class DiffusionConfig:
     sampler: str = "euler"  # euler | heun | ddim
     sample_steps: int = 50
     cfg_scale: float = 2.0
+    cfg_interval: list[float] | None = None  # [lo, hi]: guide only where lo <= t <= hi; null = every step
+
+    def __post_init__(self) -> None:
+        from dmd_dar.diffusion.samplers import check_guidance_interval
+
+        check_guidance_interval(self.cfg_interval, "diffusion.cfg_interval")
 
     def make_path(self):
         from dmd_dar.diffusion.paths import make_path

@@ -36,8 +36,10 @@ def model_x0_fn(model, path, labels: torch.Tensor):
 
 @torch.no_grad()
 def generate(model, meta: ArtifactMeta, labels: torch.Tensor, seeds: list[int], *, steps: int | None = None,
-             cfg_scale: float | None = None, sampler: str | None = None, progress: bool = False) -> torch.Tensor:
-    """Images in [-1, 1], [B, C, H, W], for one batch of labels and per-image seeds."""
+             cfg_scale: float | None = None, cfg_interval: list[float] | None = None, sampler: str | None = None,
+             progress: bool = False) -> torch.Tensor:
+    """Images in [-1, 1], [B, C, H, W], for one batch of labels and per-image seeds. A teacher's ``steps``,
+    ``cfg_scale``, ``cfg_interval`` and ``sampler`` default to its own (``meta.diffusion``)."""
     from dmd_dar.diffusion.samplers import few_step_sample, guided, sample_ode
 
     device = next(model.parameters()).device
@@ -53,7 +55,8 @@ def generate(model, meta: ArtifactMeta, labels: torch.Tensor, seeds: list[int], 
     else:
         scale = d.cfg_scale if cfg_scale is None else cfg_scale
         null = torch.full_like(labels, cfgm.num_classes)
-        denoise = guided(lambda x, t, y: model(x, t, y), scale, labels, null)
+        interval = d.cfg_interval if cfg_interval is None else cfg_interval
+        denoise = guided(lambda x, t, y: model(x, t, y), scale, labels, null, interval=interval)
         x = sample_ode(sampler or d.sampler, denoise, path, z, steps or d.sample_steps, shift=d.shift,
                        progress=progress)
     return x.float().clamp(-1, 1)
@@ -68,11 +71,18 @@ class SampleConfig:
     seed: int = 0
     steps: int | None = None  # teacher: ODE steps (default from the model); ignored for students
     cfg_scale: float | None = None  # teacher guidance (default from the model)
+    cfg_interval: list[float] | None = None  # [lo, hi]: guide only where lo <= t <= hi ([0, 1]: every step);
+    #                                          default from the model
     sampler: str | None = None  # euler | heun | ddim (default from the model)
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
     prompt: str | None = None  # text-to-image students: one prompt ...
     prompts_file: str | None = None  # ... and/or a prompt file (.txt / .csv / .jsonl)
+
+    def __post_init__(self) -> None:
+        from dmd_dar.diffusion.samplers import check_guidance_interval
+
+        check_guidance_interval(self.cfg_interval)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,7 +141,8 @@ def sample_folder(model, meta: ArtifactMeta, out_dir: Path, cfg: SampleConfig) -
         chunk = jobs[start:start + cfg.batch_size]
         labels = torch.tensor([c for c, _ in chunk], dtype=torch.long)
         seeds = [derive_seed("sample", c, s) for c, s in chunk]
-        x = generate(model, meta, labels, seeds, steps=cfg.steps, cfg_scale=cfg.cfg_scale, sampler=cfg.sampler)
+        x = generate(model, meta, labels, seeds, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                     cfg_interval=cfg.cfg_interval, sampler=cfg.sampler)
         images.append(x.cpu())
         for (c, s), seed in zip(chunk, seeds):
             name = meta.class_names[c] if c < len(meta.class_names) else str(c)

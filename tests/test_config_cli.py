@@ -73,6 +73,17 @@ def test_validation_runs_after_merging(capsys):
     assert "t_min" in capsys.readouterr().err
 
 
+def test_guidance_interval_is_checked_and_named(capsys):
+    assert main(["distill", "--dry-run", "method.guidance_interval=[0.3,0.9]"]) == 0
+    assert "guidance_interval:\n  - 0.3\n  - 0.9" in capsys.readouterr().out
+    assert main(["distill", "--dry-run", "method.guidance_interval=[0.9,0.3]"]) == 2
+    assert "method.guidance_interval=[0.9, 0.3]: need 0 <= lo < hi <= 1" in capsys.readouterr().err
+    assert main(["train-teacher", "--dry-run", "diffusion.cfg_interval=[0.5]"]) == 2
+    assert "diffusion.cfg_interval" in capsys.readouterr().err
+    assert main(["sample", "--dry-run", "cfg_interval=[0.5,1.5]"]) == 2
+    assert "cfg_interval=[0.5, 1.5]" in capsys.readouterr().err
+
+
 def test_override_without_equals_is_rejected(capsys):
     assert main(["distill", "--dry-run", "method.ttur"]) == 2
     assert "key=value" in capsys.readouterr().err

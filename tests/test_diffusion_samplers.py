@@ -9,6 +9,7 @@ from dmd_dar.diffusion.paths import make_path
 from dmd_dar.diffusion.samplers import (
     cfg,
     cfg_x0,
+    check_guidance_interval,
     ddim_sample,
     euler_sample,
     few_step_sample,
@@ -117,6 +118,61 @@ def test_guided_batches_cond_and_uncond_in_one_forward():
     out1 = guided(model, 1.0, y, torch.tensor([10]))(x, 0.5)
     assert calls == [6, 3]
     torch.testing.assert_close(out1, y.view(-1, 1).float().expand(3, 2))
+
+
+def test_guidance_interval_guides_inside_and_returns_the_conditional_prediction_outside():
+    calls = []
+
+    def model(x, t, y):
+        calls.append(x.shape[0])
+        return x * 0 + y.view(-1, 1).to(x.dtype) + t.view(-1, 1).to(x.dtype)  # prediction = label + t
+
+    x = torch.zeros(4, 2)
+    y = torch.tensor([1, 2, 3, 4])
+    t = torch.tensor([0.2, 0.35, 0.6, 0.9])  # 0.35 and 0.9: the closed interval's ends
+    out = guided(model, 5.0, y, torch.tensor([10]), interval=[0.35, 0.9])(x, t)
+    assert calls == [8]
+    c = (y + t).view(-1, 1).expand(4, 2)
+    u = (10 + t).view(-1, 1).expand(4, 2)
+    want = torch.stack([c[0], u[1] + 5 * (c[1] - u[1]), u[2] + 5 * (c[2] - u[2]), u[3] + 5 * (c[3] - u[3])])
+    torch.testing.assert_close(out, want)
+    assert torch.equal(out[0], c[0])  # exactly the conditional prediction, not u + 1 * (c - u)
+    # A step entirely outside the interval runs the conditional half only (a sampler's t is shared by the batch).
+    out_lo = guided(model, 5.0, y, torch.tensor([10]), interval=[0.35, 0.9])(x, 0.1)
+    assert calls == [8, 4]
+    assert torch.equal(out_lo, (y + 0.1).view(-1, 1).expand(4, 2).float())
+    # [0, 1] guides every step: the same as no interval.
+    full = guided(model, 5.0, y, torch.tensor([10]), interval=[0.0, 1.0])(x, t)
+    torch.testing.assert_close(full, guided(model, 5.0, y, torch.tensor([10]))(x, t))
+
+
+def test_guidance_interval_sampling_is_guided_only_inside():
+    """Euler with an interval equals Euler whose denoiser switches guidance by hand at the same times."""
+    path = make_path("flow", "velocity", dtype=torch.float64)
+
+    def model(x, t, y):
+        return 0.3 * x + y.view(-1, 1).to(x.dtype) * (1 + t.view(-1, 1))
+
+    y, null = torch.tensor([1, 2]), torch.tensor([0])
+    z = torch.randn(2, 3, dtype=torch.float64)
+
+    def by_hand(x, t):
+        s = 4.0 if 0.3 <= float(t[0]) <= 0.7 else 1.0
+        c, u = model(x, t, y), model(x, t, null.expand(2))
+        return c if s == 1.0 else u + s * (c - u)
+
+    ts = timestep_grid(10, dtype=torch.float64)
+    a = euler_sample(guided(model, 4.0, y, null, interval=[0.3, 0.7]), path, z, ts)
+    torch.testing.assert_close(a, euler_sample(by_hand, path, z, ts))
+    assert not torch.allclose(a, euler_sample(guided(model, 4.0, y, null), path, z, ts))
+
+
+@pytest.mark.parametrize("bad", [[0.5], [0.7, 0.3], [-0.1, 0.5], [0.2, 1.5], "x", [0.1, "a"]])
+def test_guidance_interval_is_validated_with_the_key_named(bad):
+    with pytest.raises(UserError, match="my.key"):
+        check_guidance_interval(bad, "my.key")
+    assert check_guidance_interval(None) is None
+    assert check_guidance_interval([0, 1]) == (0.0, 1.0)
 
 
 def test_student_timesteps():

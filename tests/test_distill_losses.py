@@ -91,6 +91,42 @@ def test_cfg_in_x0_space_equals_cfg_in_prediction_space(kind, prediction):
     torch.testing.assert_close(den.x0(x_t, t, y, guidance=scale), path.pred_to_x0(pred, x_t, t))
 
 
+def test_guidance_interval_guides_only_the_samples_inside_it():
+    """DMD's real score with ``method.guidance_interval``: per-sample, since every sample has its own t."""
+    path = make_path("flow", "velocity", dtype=torch.float64)
+    den = Denoiser(_LinearCond(), path, null_cond=class_null_cond(10))
+    x_t = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.4, 0.6, 0.95], dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, 4])
+    plain, full = den.x0(x_t, t, y), den.x0(x_t, t, y, guidance=3.0)
+    mixed = den.x0(x_t, t, y, guidance=3.0, interval=[0.3, 0.7])
+    torch.testing.assert_close(mixed[1:3], full[1:3])
+    assert torch.equal(mixed[[0, 3]], plain[[0, 3]])
+    assert not torch.allclose(mixed[[0, 3]], full[[0, 3]])
+
+
+def test_dmd_real_score_uses_method_guidance_interval():
+    """The generator loss with an interval that no DM timestep reaches equals the unguided loss; [0, 1] equals
+    guidance everywhere (the real score is the only guided network)."""
+    from dmd_dar.distill.config import MethodConfig
+    from dmd_dar.distill.method import DMD2
+
+    path = make_path("flow", "velocity", dtype=torch.float64)
+    teacher = Denoiser(_LinearCond(), path, null_cond=class_null_cond(10))
+    fake = Denoiser(torch.nn.Identity(), path)
+    fake.pred = lambda x_t, t, cond: 0.9 * x_t  # noqa: E731 (an unconditional stand-in)
+    x = torch.randn(6, 2, 4, 4, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, 4, 5, 6])
+
+    def loss(**method):
+        m = DMD2(MethodConfig(t_min=0.1, t_max=0.8, **method), teacher, fake, teacher, student_times=[1.0])
+        return m.generator_step(x, y, torch.Generator().manual_seed(3))[0].item()
+
+    assert loss(guidance_scale=3.0, guidance_interval=[0.9, 1.0]) == loss(guidance_scale=1.0)
+    assert loss(guidance_scale=3.0, guidance_interval=[0.0, 1.0]) == loss(guidance_scale=3.0)
+    assert loss(guidance_scale=3.0) != loss(guidance_scale=1.0)
+
+
 def test_teacher_without_parameterisation_is_rejected():
     with pytest.raises(UserError, match="no declared parameterisation"):
         Denoiser(_LinearCond(), None)

@@ -3,14 +3,18 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
+from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, load_artifact, save_artifact
 from dmd_dar.config import build_config
 from dmd_dar.errors import UserError
 from dmd_dar.evaluation import EvalConfig, run
 from dmd_dar.evaluation.suite import apply_suite_settings, load_suite
 from dmd_dar.models import build_model, preset_config
+from dmd_dar.sampling import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = """
@@ -102,3 +106,44 @@ def test_class_subset_by_name_samples_and_references_only_those_classes(suite_fi
     subset.write_text(text + "classes: [checkers]\n")
     with pytest.raises(UserError, match=r"'checkers'.*names: stripes_high, smooth_blobs"):
         run(build_config(EvalConfig, [], [f"suite={subset}"]))
+
+
+def test_guidance_interval_comes_from_the_model_or_the_caller_and_reaches_the_suite(tmp_path):
+    """A teacher's ``diffusion.cfg_interval`` is its sampling default (and survives export); ``cfg_interval=``
+    overrides it; a suite model's interval changes its samples and is recorded in the folder's stamp."""
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", num_classes=2))
+    with torch.no_grad():  # adaLN-Zero starts label-blind; random weights make guidance visible
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    folder = save_artifact(tmp_path / "interval_teacher", model.eval(), ArtifactMeta(
+        role="teacher", diffusion=DiffusionConfig(sample_steps=4, cfg_scale=3.0, cfg_interval=[0.5, 1.0]),
+        class_names=["stripes_high", "smooth_blobs"]))
+    loaded, meta = load_artifact(folder)
+    assert meta.diffusion.cfg_interval == [0.5, 1.0]
+    labels, seeds = torch.tensor([0, 1]), [5, 6]
+    default = generate(loaded, meta, labels, seeds)
+    assert torch.equal(default, generate(loaded, meta, labels, seeds, cfg_interval=[0.5, 1.0]))
+    everywhere = generate(loaded, meta, labels, seeds, cfg_interval=[0.0, 1.0])
+    assert not torch.allclose(default, everywhere)
+    old = json.loads((folder / "dmd_dar.json").read_text())
+    del old["diffusion"]["cfg_interval"]  # an export from before the option: every step is guided
+    (folder / "dmd_dar.json").write_text(json.dumps(old))
+    assert torch.equal(generate(*load_artifact(folder), labels, seeds), everywhere)
+
+    out = tmp_path / "out"
+    suite = tmp_path / "interval.yaml"
+    suite.write_text(SUITE.format(out=out, ckpt=folder).replace(
+        "steps: 1}", "steps: 2, cfg_scale: 1.5, cfg_interval: [0.6, 1.0]}"))
+    run(build_config(EvalConfig, [], [f"suite={suite}"]))
+    models = json.loads((out / "metrics.json").read_text())["protocol"]["suite"]["models"]
+    assert "cfg_interval" not in models[0] and models[1]["cfg_interval"] == [0.6, 1.0]
+    a, b = (json.loads((out / "samples" / n / "suite_stamp.json").read_text()) for n in ("teacher", "teacher_1step"))
+    assert b["cfg_interval"] == [0.6, 1.0]
+    assert a["steps"] == b["steps"] == 2 and a["cfg_scale"] == b["cfg_scale"] == 1.5
+    px = [np.asarray(Image.open(out / "samples" / n / "00000.png")) for n in ("teacher", "teacher_1step")]
+    assert not np.array_equal(*px)
+
+    suite.write_text(SUITE.format(out=out, ckpt=folder).replace("steps: 1}", "steps: 1, cfg_interval: [0.9, 0.2]}"))
+    with pytest.raises(UserError, match="teacher_1step.*cfg_interval"):
+        load_suite(suite)

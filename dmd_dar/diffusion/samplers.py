@@ -22,8 +22,9 @@ from dmd_dar.errors import UserError
 Tensor = torch.Tensor
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["cfg", "cfg_x0", "cat_conditions", "guided", "timestep_grid", "euler_sample", "heun_sample", "ddim_sample", "sample_ode",
-           "ODE_SAMPLERS", "student_timesteps", "few_step_sample"]
+__all__ = ["cfg", "cfg_x0", "cat_conditions", "check_guidance_interval", "guidance_mask", "where_guided", "guided",
+           "timestep_grid", "euler_sample", "heun_sample", "ddim_sample", "sample_ode", "ODE_SAMPLERS",
+           "student_timesteps", "few_step_sample"]
 
 
 def cfg(pred_cond: Tensor, pred_uncond: Tensor, scale: float) -> Tensor:
@@ -52,21 +53,59 @@ def cat_conditions(a: Any, b: Any) -> Any:
     raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
 
 
-def guided(model_fn: Callable[[Tensor, Tensor, Any], Tensor], scale: float, cond: Any, null_cond: Any) -> DenoiseFn:
+def check_guidance_interval(interval: Sequence[float] | None, name: str = "cfg_interval") -> tuple[float, float] | None:
+    """``None`` (guidance at every noise level) or ``(lo, hi)`` with ``0 <= lo < hi <= 1``; ``name`` is the config key
+    that the error message names."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={interval!r}: give two noise levels [lo, hi] (guidance applies where lo <= t <= hi), "
+                        f"or null for every step") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise UserError(f"{name}=[{lo:g}, {hi:g}]: need 0 <= lo < hi <= 1 (t = 1 is pure noise); [0, 1] guides "
+                        f"every step")
+    return lo, hi
+
+
+def guidance_mask(t: Tensor, interval: Sequence[float] | None) -> Tensor | None:
+    """Where guidance applies, [B] bool: ``lo <= t <= hi`` (guidance limited to an interval of noise levels,
+    Kynkäänniemi et al., NeurIPS 2024); ``None`` when there is no interval (every sample is guided)."""
+    if interval is None:
+        return None
+    lo, hi = interval
+    return (t >= lo) & (t <= hi)
+
+
+def where_guided(inside: Tensor | None, guided_pred: Tensor, cond_pred: Tensor) -> Tensor:
+    """The guided prediction where ``inside``, the conditional one (exactly, not ``cfg`` with scale 1) elsewhere."""
+    if inside is None or bool(inside.all()):
+        return guided_pred
+    return torch.where(inside.view(-1, *([1] * (guided_pred.ndim - 1))), guided_pred, cond_pred)
+
+
+def guided(model_fn: Callable[[Tensor, Tensor, Any], Tensor], scale: float, cond: Any, null_cond: Any,
+           interval: Sequence[float] | None = None) -> DenoiseFn:
     """Wrap ``model_fn(x_t, t, cond)`` as a CFG ``denoise_fn(x_t, t)`` that runs cond and uncond in one forward.
 
     ``cond``/``null_cond`` are tensors (e.g. labels [B]; the null label is ``num_classes``) or dicts/tuples of
-    tensors; a batch-1 ``null_cond`` is broadcast. ``scale == 1`` skips the unconditional half.
+    tensors; a batch-1 ``null_cond`` is broadcast. ``scale == 1`` skips the unconditional half. With an
+    ``interval`` ``[lo, hi]`` only samples with ``lo <= t <= hi`` are guided; the others get the conditional
+    prediction, and a call with no sample inside skips the unconditional half.
     """
+    interval = check_guidance_interval(interval)
+
     def denoise(x_t: Tensor, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])  # [B]
-        if scale == 1.0:
+        inside = guidance_mask(t, interval)
+        if scale == 1.0 or (inside is not None and not bool(inside.any())):
             return model_fn(x_t, t, cond)
         out = model_fn(torch.cat([x_t, x_t], 0), torch.cat([t, t], 0), cat_conditions(cond, null_cond))  # [2B, ...]
         c, u = out.chunk(2, 0)
-        return cfg(c, u, scale)
+        return where_guided(inside, cfg(c, u, scale), c)
 
     return denoise
 

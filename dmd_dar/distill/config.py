@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dmd_dar.diffusion.samplers import check_guidance_interval
 from dmd_dar.errors import UserError
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.training.batches import DataConfig
@@ -19,6 +20,8 @@ class MethodConfig:
     """DMD2 as in the official code (reference/dmd_anchors.md §2.1), with every deviation behind a flag."""
 
     guidance_scale: float = 2.0  # CFG of the real score (teacher), applied in x0 space
+    guidance_interval: list[float] | None = None  # [lo, hi]: the real score is guided only where lo <= t <= hi
+    #                                               (Kynkaanniemi et al. 2024); null = every t, as in DMD2
     fake_guidance_scale: float = 1.0  # CFG of the fake score; 1 = off (DMD2 asserts it)
     t_min: float = 0.02  # DM timestep range, fraction of [0, 1] before the teacher's shift
     t_max: float = 0.98
@@ -40,6 +43,7 @@ class MethodConfig:
     #                                      a teacher may share it
 
     def __post_init__(self) -> None:
+        check_guidance_interval(self.guidance_interval, "method.guidance_interval")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise UserError(f"method.t_min={self.t_min}, method.t_max={self.t_max}: need 0 <= t_min < t_max <= 1")
         if self.ttur < 1:

@@ -9,7 +9,7 @@ predicts, so every network used as a score is wrapped with the noise path and pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dmd_dar.diffusion.paths import NoisePath
-from dmd_dar.diffusion.samplers import cat_conditions, cfg_x0
+from dmd_dar.diffusion.samplers import cat_conditions, cfg_x0, guidance_mask, where_guided
 from dmd_dar.errors import UserError
 
 
@@ -50,12 +50,15 @@ class Denoiser:
     def pred(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         return self.net(x_t, t, cond)
 
-    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, guidance: float = 1.0) -> torch.Tensor:
-        """x0 prediction; ``guidance != 1`` applies CFG in x0 space (one batched forward for cond and uncond)."""
-        if guidance == 1.0:
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, guidance: float = 1.0,
+           interval: Sequence[float] | None = None) -> torch.Tensor:
+        """x0 prediction; ``guidance != 1`` applies CFG in x0 space (one batched forward for cond and uncond), to the
+        samples with ``lo <= t <= hi`` when an ``interval`` ``[lo, hi]`` is given (the others: the conditional x0)."""
+        inside = guidance_mask(t, interval)
+        if guidance == 1.0 or (inside is not None and not bool(inside.any())):
             return self.path.pred_to_x0(self.pred(x_t, t, cond), x_t, t)
         if self.null_cond is None:
             raise UserError("guidance != 1 needs a conditional network with a null condition")
         both = self.pred(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditions(cond, self.null_cond(cond)))
         x0_c, x0_u = self.path.pred_to_x0(both, torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
-        return cfg_x0(x0_c, x0_u, guidance)
+        return where_guided(inside, cfg_x0(x0_c, x0_u, guidance), x0_c)

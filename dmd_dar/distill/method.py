@@ -133,7 +133,7 @@ class DMD2:
         eps = torch.randn(x.shape, generator=gen).to(x)
         with torch.no_grad():
             x_t = self.path.add_noise(x.detach(), eps, t).to(x.dtype)
-            x0_real = self.teacher.x0(x_t, t, cond, guidance=cfg.guidance_scale)
+            x0_real = self.teacher.x0(x_t, t, cond, guidance=cfg.guidance_scale, interval=cfg.guidance_interval)
             x0_fake = self.fake.x0(x_t, t, cond, guidance=cfg.fake_guidance_scale)
         loss_dm = distribution_matching_loss(x, x0_real, x0_fake)
         loss = cfg.dm_weight * loss_dm

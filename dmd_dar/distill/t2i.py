@@ -49,7 +49,9 @@ from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
 class EmbeddedGuidanceDenoiser(Denoiser):
     """A guidance-distilled teacher (Flux-dev): the guidance scale is an input of one forward pass, not CFG."""
 
-    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float = 1.0) -> torch.Tensor:
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float = 1.0, interval=None) -> torch.Tensor:
+        if interval is not None:  # DistillTask refuses the combination up front; this guards direct use
+            raise UserError("a guidance interval needs two-pass CFG; Flux-dev's embedded guidance has no unguided pass")
         g = torch.full((x_t.shape[0],), float(guidance), device=x_t.device)  # [B]
         return self.path.pred_to_x0(self.pred(x_t, t, {**cond, "guidance": g}), x_t, t)
 
@@ -144,6 +146,10 @@ class DiffusersT2ITask(DistillTask):
 
         self.guidance_form = self._guidance_form()
         self.embedded_guidance = None
+        if self.guidance_form == "embedded" and m.guidance_interval is not None:
+            raise UserError(f"method.guidance_interval={list(m.guidance_interval)}: {self.class_name} uses embedded "
+                            f"guidance (one pass, no unguided prediction to fall back to); unset "
+                            f"method.guidance_interval or use t2i.guidance=cfg")
         if self.guidance_form == "embedded":
             self.embedded_guidance = float(tc.embedded_guidance if tc.embedded_guidance is not None
                                            else m.guidance_scale)
@@ -303,7 +309,8 @@ class DiffusersT2ITask(DistillTask):
             g = torch.full((z.shape[0],), float(scale), device=z.device)
             denoise = lambda x, t: net(x, t, {**cond, "guidance": g})  # noqa: E731
         else:
-            denoise = guided(lambda x, t, c: net(x, t, c), scale, cond, self.null_cond(cond))
+            denoise = guided(lambda x, t, c: net(x, t, c), scale, cond, self.null_cond(cond),
+                             interval=self.cfg.method.guidance_interval)
         method = "euler" if self.path.kind == "flow" else "ddim"
         return sample_ode(method, denoise, self.path, z, self.tc.teacher_steps, shift=self.shift)
 

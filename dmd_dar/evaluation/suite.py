@@ -45,7 +45,13 @@ class SuiteModel:
     samples: str | None = None  # or a sample folder generated elsewhere (PNG + manifest.jsonl)
     steps: int | None = None  # teacher ODE steps (default: the model's); students use their own schedule
     cfg_scale: float | None = None  # teacher guidance (default: the model's)
+    cfg_interval: list[float] | None = None  # [lo, hi]: guide only where lo <= t <= hi (default: the model's)
     sampler: str | None = None  # euler | heun | ddim (default: the model's)
+
+    def __post_init__(self) -> None:
+        from dmd_dar.diffusion.samplers import check_guidance_interval
+
+        check_guidance_interval(self.cfg_interval, f"suite model '{self.name}': cfg_interval")
 
 
 @dataclass
@@ -158,6 +164,8 @@ def _sample_model(m: SuiteModel, suite: SuiteConfig, suite_file: Path, folder: P
              "weights": file_fingerprint(ckpt / "model.safetensors")["sha256"], "steps": m.steps,
              "cfg_scale": m.cfg_scale, "sampler": m.sampler, "num_per_class": suite.num_per_class,
              "classes": None if suite.classes is None else classes, "seed": suite.seed}
+    if m.cfg_interval is not None:  # only when set, so that folders sampled before the option existed stay complete
+        stamp["cfg_interval"] = [float(v) for v in m.cfg_interval]
     # The classes this folder holds, by name: the procedural reference is rendered for exactly these.
     sampled_names = [names[c] for c in classes if c < len(names)]
     expected = len(classes) * suite.num_per_class
@@ -169,7 +177,8 @@ def _sample_model(m: SuiteModel, suite: SuiteConfig, suite_file: Path, folder: P
     model, meta_obj = load_artifact(ckpt, device=str(resolve_device(suite.device)))
     cfg = SampleConfig(checkpoint=str(ckpt), out_dir=str(folder), num_per_class=suite.num_per_class,
                        classes=classes, seed=suite.seed, steps=m.steps, cfg_scale=m.cfg_scale,
-                       sampler=m.sampler, batch_size=suite.batch_size, device=suite.device)
+                       cfg_interval=m.cfg_interval, sampler=m.sampler, batch_size=suite.batch_size,
+                       device=suite.device)
     print(f"suite: sampling {m.name} ({meta['role']}) -> {folder}")
     sample_folder(model, meta_obj, folder, cfg)
     atomic_write_json(stamp, folder / STAMP)

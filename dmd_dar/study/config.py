@@ -88,6 +88,7 @@ class TeacherSamples:
     steps: int | None = 50
     sampler: str | None = "euler"
     cfg_scale: float | None = None  # the teacher's own default
+    cfg_interval: list[float] | None = None  # [lo, hi] guidance interval (default: the teacher's own)
 
 
 @dataclass

@@ -168,7 +168,7 @@ def write_eval_suite(suite: StudySuite, suite_file: Path, study_dir: Path, teach
     conf.out_dir = str((study_dir / "eval").resolve())
     conf.device = device
     conf.models = [{"name": t.name, "checkpoint": str(teacher), "steps": t.steps, "sampler": t.sampler,
-                    "cfg_scale": t.cfg_scale},
+                    "cfg_scale": t.cfg_scale, "cfg_interval": t.cfg_interval},
                    *({"name": n, "checkpoint": str(p.resolve())} for n, p in models)]
     path = study_dir / "eval" / "suites" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
