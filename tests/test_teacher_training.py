@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dmd_dar.cli import main
 from dmd_dar.errors import UserError
@@ -39,10 +40,31 @@ def test_resume_gives_the_same_next_loss(tmp_path):
     assert [(r["class_id"], r["class_name"]) for r in recs] == [(5, "rings"), (4, "checkers")]
 
 
+def test_init_from_fine_tunes_an_export_and_refuses_another_architecture(tmp_path, capsys):
+    from dmd_dar.models import load_model
+
+    assert main(_args(tmp_path / "base", 2)) == 0
+    base = tmp_path / "base" / "export"
+    # lr 1e-12: a fine-tuning run that starts from the export and barely moves exports the same weights
+    for name, extra in (("tuned", [f"init_from={base}"]), ("scratch", [])):
+        assert main(_args(tmp_path / name, 1, "optim.lr=1e-12", "optim.warmup_steps=0", "run.seed=7", *extra)) == 0
+    want = load_model(base / "model.safetensors").state_dict()
+    tuned = load_model(tmp_path / "tuned" / "export" / "model.safetensors").state_dict()
+    scratch = load_model(tmp_path / "scratch" / "export" / "model.safetensors").state_dict()
+    for k in want:
+        torch.testing.assert_close(tuned[k], want[k], rtol=0, atol=1e-9)
+    assert max((scratch[k] - want[k]).abs().max().item() for k in want) > 1e-2
+    assert "initial weights from" in capsys.readouterr().out
+    assert main(_args(tmp_path / "deeper", 1, f"init_from={base}", "model.depth=3")) == 2
+    assert "model.depth (export 2, here 3)" in capsys.readouterr().err
+    assert main(_args(tmp_path / "x0", 1, f"init_from={base}", "diffusion.prediction=x0")) == 2
+    assert "diffusion.prediction='velocity'" in capsys.readouterr().err
+    assert main(_args(tmp_path / "none", 1, f"init_from={tmp_path / 'missing'}")) == 2
+    assert "no exported model here" in capsys.readouterr().err
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
-
-    import torch
 
     ckpt = Checkpointer(tmp_path)
     ckpt.save(1, {"net": {"w": torch.ones(2)}}, {}, {})
@@ -74,8 +96,6 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_cosine_schedule_warms_up_then_decays_towards_zero_at_the_last_update():
     import math
-
-    import torch
 
     from dmd_dar.training.optim import OptimConfig, build_optimizer, lr_schedule
 

@@ -40,6 +40,8 @@ class TeacherConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=200))
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/teacher", steps=4000, batch_size=128))
     ema_decay: float = 0.999
+    init_from: str | None = None  # an exported teacher to fine-tune (same model.* and noise path); a resumed run
+    #                               continues from its checkpoint instead
 
     def __post_init__(self) -> None:
         if self.data.image_size != self.model.image_size:
@@ -67,6 +69,8 @@ def run(cfg: TeacherConfig) -> Path:
     path = cfg.diffusion.make_path()
     torch.manual_seed(derive_seed(cfg.run.seed, "init"))  # the initial weights are a function of run.seed
     model = build_model(cfg.model)
+    if cfg.init_from and resume_from is None:
+        accelerator.print(f"initial weights from {load_initial_weights(model, cfg)}")
     optimizer = build_optimizer(param_groups(model, cfg.optim.lr, cfg.optim.routing_lr, cfg.optim.weight_decay),
                                 cfg.optim)
     scheduler = lr_schedule(optimizer, cfg.optim, cfg.optim.horizon(cfg.run.steps))
@@ -141,6 +145,37 @@ def run(cfg: TeacherConfig) -> Path:
         accelerator.print(f"teacher exported to {export}")
     accelerator.end_training()
     return run_dir / "export"
+
+
+# Model keys that only change how a network trains, not what it computes: an export may be fine-tuned with others.
+TRAINING_ONLY_MODEL_KEYS = ("class_dropout_prob", "gradient_checkpointing")
+
+
+def load_initial_weights(model, cfg: TeacherConfig) -> Path:
+    """Copy an exported teacher's weights (``cfg.init_from``) into ``model``: the starting point of a fine-tuning
+    run. The export must have the same architecture (``model.*``, training-only keys aside) and the same noise
+    path and prediction; anything else is a ``UserError`` that names the keys to change."""
+    from dmd_dar.artifact import load_artifact
+    from dmd_dar.sampling import resolve_checkpoint
+
+    folder = resolve_checkpoint(cfg.init_from)
+    source, meta = load_artifact(folder)
+    if meta.role != "teacher":
+        raise UserError(f"init_from={cfg.init_from}: {folder} is a {meta.role} export; start from a teacher's "
+                        f"export/ folder")
+    mine, theirs = model.cfg.to_dict(), source.cfg.to_dict()
+    differ = [k for k in mine if k not in TRAINING_ONLY_MODEL_KEYS and mine[k] != theirs.get(k)]
+    if differ:
+        raise UserError(f"init_from={cfg.init_from}: the export's architecture differs in "
+                        + ", ".join(f"model.{k} (export {theirs.get(k)!r}, here {mine[k]!r})" for k in differ)
+                        + "; set those keys to the export's values (its run's config.yaml has them)")
+    for key in ("path", "prediction"):
+        if getattr(meta.diffusion, key) != getattr(cfg.diffusion, key):
+            raise UserError(f"init_from={cfg.init_from}: the export was trained with diffusion.{key}="
+                            f"{getattr(meta.diffusion, key)!r}, this run has {getattr(cfg.diffusion, key)!r}; "
+                            f"fine-tune with the export's value")
+    model.load_state_dict(source.state_dict())
+    return folder
 
 
 @torch.no_grad()
