@@ -5,8 +5,8 @@
 # export, the resolved config, the log and a summary in $OUT. Extra arguments are config overrides for both runs:
 #   bash eval/gpu_train_teacher.sh                                          # the committed config (batch 64)
 #   bash eval/gpu_train_teacher.sh run.batch_size=256 optim.lr=2e-3         # 4x the images a step
-#   bash eval/gpu_train_teacher.sh init_from=assets/teacher run.batch_size=256 optim.lr=1e-3   # continue the
-#                                                  committed teacher (its 9000 CPU steps) instead of starting over
+#   bash eval/gpu_train_teacher.sh init_from=assets/teacher run.batch_size=256 optim.lr=1e-3 \
+#        diffusion.logit_mean=1.0986   # continue the committed teacher (its 9000 CPU steps), timesteps towards noise
 # Then, on the CPU machine: dmd-dar eval suite=<a copy of eval/suites/teacher.yaml pointing at the export>.
 set -euo pipefail
 : "${OUT:?set OUT to the folder the results go to (the device tool sets it)}"
