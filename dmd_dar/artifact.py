@@ -77,7 +77,7 @@ def load_artifact(folder: str | Path, device: str = "cpu"):
     try:
         raw = json.loads(meta_path.read_text())
         meta = ArtifactMeta(**{**raw, "diffusion": DiffusionConfig(**raw["diffusion"])})
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+    except (json.JSONDecodeError, TypeError, KeyError, UserError) as exc:  # UserError: a value fails validation
         raise UserError(f"{meta_path}: unreadable model description ({exc}); re-export the model") from exc
     model = load_model(folder / WEIGHTS_FILE).to(device).eval()
     return model, meta

@@ -130,6 +130,12 @@ def test_guidance_interval_comes_from_the_model_or_the_caller_and_reaches_the_su
     del old["diffusion"]["cfg_interval"]  # an export from before the option: every step is guided
     (folder / "dmd_dar.json").write_text(json.dumps(old))
     assert torch.equal(generate(*load_artifact(folder), labels, seeds), everywhere)
+    old["diffusion"]["cfg_interval"] = [0.8, 0.2]
+    (folder / "dmd_dar.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match=r"dmd_dar.json: unreadable model description \(diffusion.cfg_interval"):
+        load_artifact(folder)
+    del old["diffusion"]["cfg_interval"]
+    (folder / "dmd_dar.json").write_text(json.dumps(old))
 
     out = tmp_path / "out"
     suite = tmp_path / "interval.yaml"
