@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
-from dmd_dar.config import check_resume_config, save_config, to_yaml
+from dmd_dar.config import check_resume_config, diff_configs, save_config, to_yaml
 from dmd_dar.diffusion.objective import denoising_loss
 from dmd_dar.diffusion.timesteps import sample_timesteps
 from dmd_dar.errors import UserError
@@ -163,11 +164,11 @@ def load_initial_weights(model, cfg: TeacherConfig) -> Path:
     if meta.role != "teacher":
         raise UserError(f"init_from={cfg.init_from}: {folder} is a {meta.role} export; start from a teacher's "
                         f"export/ folder")
-    mine, theirs = model.cfg.to_dict(), source.cfg.to_dict()
-    differ = [k for k in mine if k not in TRAINING_ONLY_MODEL_KEYS and mine[k] != theirs.get(k)]
+    differ = diff_configs(source.cfg, model.cfg, ignore=TRAINING_ONLY_MODEL_KEYS)
     if differ:
+        values = [(k, attrgetter(k)(source.cfg), attrgetter(k)(model.cfg)) for k in differ]  # dotted: routing.kind
         raise UserError(f"init_from={cfg.init_from}: the export's architecture differs in "
-                        + ", ".join(f"model.{k} (export {theirs.get(k)!r}, here {mine[k]!r})" for k in differ)
+                        + ", ".join(f"model.{k} (export {theirs!r}, here {mine!r})" for k, theirs, mine in values)
                         + "; set those keys to the export's values (its run's config.yaml has them)")
     for key in ("path", "prediction"):
         if getattr(meta.diffusion, key) != getattr(cfg.diffusion, key):
