@@ -11,7 +11,7 @@ from PIL import Image
 from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, load_artifact, save_artifact
 from dmd_dar.config import build_config
 from dmd_dar.errors import UserError
-from dmd_dar.evaluation import EvalConfig, run
+from dmd_dar.evaluation import EvalConfig, Evaluation, run
 from dmd_dar.evaluation.suite import apply_suite_settings, load_suite
 from dmd_dar.models import build_model, preset_config
 from dmd_dar.sampling import generate
@@ -58,10 +58,10 @@ def test_suite_generates_evaluates_and_skips_complete_folders(suite_file, capsys
                                                           ("smooth_blobs", 3), ("smooth_blobs", 4)]
     ref = [json.loads(x) for x in (out / "reference" / "manifest.jsonl").read_text().splitlines()]
     assert {r["class_name"] for r in ref} == {"stripes_high", "smooth_blobs"} and ref[0]["caption"]
-    c = m["comparisons"][2]
-    assert c["name"] == "teacher_1step vs teacher" and c["pairing"]["n"] == 4
-    assert "at least 32x32" in c["lpips_fidelity"]["needs"]  # 16x16 images: recorded, not a crash
-    assert set(c["spectral"]["per_group_hf_gap_db"]) == {"stripes_high", "smooth_blobs"}
+    c = Evaluation.load(out).comparisons[2]
+    assert c.name == "teacher_1step vs teacher" and c.pairing.n == 4
+    assert "at least 32x32" in c.lpips_fidelity.needs  # 16x16 images: recorded, not a crash
+    assert set(c.spectral.per_group_hf_gap_db) == {"stripes_high", "smooth_blobs"}
     stamp = (out / "samples" / "teacher" / "00000.png").stat().st_mtime_ns
     capsys.readouterr()
     run(build_config(EvalConfig, [], [f"suite={suite_file}", "bootstrap=20"]))  # the command line wins

@@ -1,7 +1,6 @@
 """ST-LPIPS (bundled stlpips-pytorch weights): properties, offline loading, and the eval runner's `auto` choice."""
 
 import hashlib
-import json
 import socket
 import urllib.request
 
@@ -12,7 +11,7 @@ from dmd_dar.config import build_config
 from dmd_dar.data.manifest import save_png_folder
 from dmd_dar.data.procedural import ProceduralImages
 from dmd_dar.errors import UserError
-from dmd_dar.evaluation import EvalConfig, run
+from dmd_dar.evaluation import EvalConfig, Evaluation, run
 from dmd_dar.metrics.lpips_metric import (
     BACKBONE_FILES,
     LpipsDiversity,
@@ -130,22 +129,22 @@ def _eval(root, out, *extra):
                                         "metrics=[lpips_fidelity,lpips_diversity]", "bootstrap=20",
                                         f"out_dir={out}", *extra])
     run(cfg)
-    return json.loads((out / "metrics.json").read_text())
+    return Evaluation.load(out / "metrics.json")
 
 
 def test_eval_auto_falls_back_to_stlpips_then_prefers_lpips(folders, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no standard AlexNet trunk in the hub cache
     m = _eval(folders, tmp_path / "st")
-    lp = m["protocol"]["models"]["lpips"]
+    lp = m.protocol["models"]["lpips"]
     assert lp["name"] == STLPIPS_NAME and lp["selection"]["requested"] == "auto"
     assert lp["selection"]["ran"] == "stlpips_alex" and BACKBONE_FILES["alex"] in lp["selection"]["why"]
-    assert all(r["available"] for r in m["availability"].values())
-    fid = m["comparisons"][0]["lpips_fidelity"]
-    assert fid["label"] == "ST-LPIPS" and fid["model"] == STLPIPS_NAME and fid["comparable_with_lpips"] is False
-    assert fid["n"] == 4 and fid["mean"]["estimate"] > 0
-    div = m["sets"]["teacher"]["lpips_diversity"]
-    assert div["label"] == "ST-LPIPS" and div["n_groups"] == 2 and div["mean"]["estimate"] > 0
-    assert "ST-LPIPS fidelity" in m["verdicts"][0]
+    assert all(r.available for r in m.availability.values())
+    fid = m.comparisons[0].lpips_fidelity
+    assert fid.model.label == "ST-LPIPS" and fid.model.model == STLPIPS_NAME and fid.model.comparable_with_lpips is False
+    assert fid.n == 4 and fid.mean.estimate > 0
+    div = m.sets["teacher"].lpips_diversity
+    assert div.model.label == "ST-LPIPS" and div.n_groups == 2 and div.mean.estimate > 0
+    assert "ST-LPIPS fidelity" in m.verdicts[0]
     html = (tmp_path / "st" / "report.html").read_text()
     assert "ST-LPIPS fidelity" in html and "ST-LPIPS diversity" in html
 
@@ -156,9 +155,9 @@ def test_eval_auto_falls_back_to_stlpips_then_prefers_lpips(folders, tmp_path, m
     torch.save({f"features.{k.split('.', 2)[1]}.{k.split('.', 2)[2]}": v for k, v in trunk.items()},
                ckpt / BACKBONE_FILES["alex"])
     m2 = _eval(folders, tmp_path / "std", "report=false")
-    assert m2["protocol"]["models"]["lpips"]["selection"] == {"requested": "auto", "ran": "alex"}
-    assert m2["comparisons"][0]["lpips_fidelity"]["label"] == "LPIPS"
-    assert "ST-LPIPS" not in m2["verdicts"][0] and "LPIPS fidelity" in m2["verdicts"][0]
+    assert m2.protocol["models"]["lpips"]["selection"] == {"requested": "auto", "ran": "alex"}
+    assert m2.comparisons[0].lpips_fidelity.model.label == "LPIPS"
+    assert "ST-LPIPS" not in m2.verdicts[0] and "LPIPS fidelity" in m2.verdicts[0]
 
 
 def test_eval_rejects_unknown_net(folders):

@@ -11,8 +11,7 @@ from PIL import Image
 
 from dmd_dar.config import build_config
 from dmd_dar.data.manifest import save_png_folder
-from dmd_dar.evaluation import EvalConfig, run
-from dmd_dar.report import write_report
+from dmd_dar.evaluation import EvalConfig, Evaluation, run, write_report
 
 
 class Parsed(HTMLParser):
@@ -56,27 +55,27 @@ def report(tmp_path_factory):
     out = root / "out"
     p = Parsed()
     p.feed((out / "report.html").read_text())
-    return json.loads((out / "metrics.json").read_text()), p, out
+    return Evaluation.load(out / "metrics.json"), p, out
 
 
 def _has(parsed, ci):
-    return any(v == ci["estimate"] and float(lo) == ci["low"] and float(hi) == ci["high"]
+    return any(v == ci.estimate and float(lo) == ci.low and float(hi) == ci.high
                for v, lo, hi in parsed.values if lo is not None)
 
 
 def test_tables_hold_the_numbers_of_metrics_json(report):
     m, p, _ = report
-    for c in m["comparisons"]:
-        assert _has(p, c["spectral"]["hf_gap_db"]) and _has(p, c["spectral"]["lsd_db"])
-        for ci in c["spectral"]["per_group_hf_gap_db"].values():
+    for c in m.comparisons:
+        assert _has(p, c.spectral.hf_gap_db) and _has(p, c.spectral.lsd_db)
+        for g in c.spectral.per_group_hf_gap_db.values():
+            assert _has(p, g.gap)
+    assert _has(p, m.comparisons[2].lpips_fidelity.mean)
+    for e in m.sets.values():
+        for ci in e.spectral.scalars.values():
             assert _has(p, ci)
-    assert _has(p, m["comparisons"][2]["lpips_fidelity"]["mean"])
-    for e in m["sets"].values():
-        for ci in e["spectral"]["scalars"].values():
-            assert _has(p, ci)
-    assert _has(p, m["sets"]["student"]["lpips_diversity"]["mean"])
+    assert _has(p, m.sets["student"].lpips_diversity.mean)
     assert any(v == 123.5 for v, _, _ in p.values)  # the bench table
-    assert p.verdicts == m["verdicts"]
+    assert p.verdicts == m.verdicts
 
 
 def test_images_decode_and_plots_are_written(report):

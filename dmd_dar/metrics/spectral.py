@@ -34,6 +34,7 @@ import torch
 
 from dmd_dar.errors import UserError
 from dmd_dar.metrics._accum import SampleAccumulator
+from dmd_dar.metrics.bootstrap import Interval, counts_bootstrap
 from dmd_dar.metrics.pairing import group_summary, pair_by_key
 from dmd_dar.metrics.protocol import package_versions
 
@@ -46,8 +47,9 @@ BAND_HIGH = (0.5, 1.0)  # [lo, hi] numerator band
 _CHANNEL_MODES = ("luma", "mean")
 
 __all__ = [
-    "LUMA_BT601", "SpectralAccumulator", "band_ratio", "bin_centers", "compare_spectra", "group_summary",
-    "hann2d", "hf_gap_db", "hf_ratio", "log_spectral_distance", "paired_log_hf_ratio", "psd2d",
+    "GAP_STATISTICS", "LUMA_BT601", "SpectralAccumulator", "band_ratio", "bin_centers", "compare_spectra",
+    "gap_db_rows", "gap_interval", "group_summary", "hann2d", "hf_gap_db", "hf_gap_db_rows", "hf_ratio",
+    "lsd_db_rows", "log_spectral_distance", "paired_log_hf_ratio", "psd2d",
     "radial_frequency", "rapsd", "rapsd_numpy", "spectral_gap_db", "spectral_stats", "spectral_stats_numpy",
     "slope", "spectral_protocol",
 ]
@@ -253,26 +255,74 @@ def _mean_curve(x: Any, bins: int | None) -> torch.Tensor:
     return rapsd(t, bins or DEFAULT_BINS).mean(dim=0)
 
 
+def gap_db_rows(samples: Any, reference: Any) -> np.ndarray:
+    """``10 log10(samples / reference)`` per bin for rows of mean curves ``[R, B]``, ``[R, B]`` -> ``[R, B]``
+    (float64 numpy; a bin where either curve is 0 or NaN gives a non-finite gap, which the means below skip)."""
+    g, r = np.asarray(samples, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if g.shape != r.shape:
+        raise UserError(f"spectral gap needs curves with the same bins, got {g.shape} vs {r.shape}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 10.0 * np.log10(g / r)
+
+
+def hf_gap_db_rows(samples: Any, reference: Any, c: float = 0.5) -> np.ndarray:
+    """HF gap per row ``[R]``: the mean of :func:`gap_db_rows` over the finite bins with centre ``>= c``."""
+    d = gap_db_rows(samples, reference)  # [R, B]
+    keep = (bin_centers(d.shape[-1]).numpy() >= c)[None] & np.isfinite(d)
+    with np.errstate(invalid="ignore"):
+        return np.where(keep, d, 0.0).sum(-1) / keep.sum(-1)
+
+
+def lsd_db_rows(samples: Any, reference: Any) -> np.ndarray:
+    """Log-spectral distance per row ``[R]``: the mean of ``|gap_db_rows|`` over the finite bins."""
+    d = gap_db_rows(samples, reference)  # [R, B]
+    keep = np.isfinite(d)
+    with np.errstate(invalid="ignore"):
+        return np.where(keep, np.abs(d), 0.0).sum(-1) / keep.sum(-1)
+
+
+GAP_STATISTICS = {"hf_gap_db": hf_gap_db_rows, "lsd_db": lambda g, r, c: lsd_db_rows(g, r)}
+
+
 def spectral_gap_db(samples: Any, reference: Any, bins: int | None = None) -> torch.Tensor:
     """``10 log10(RAPSD_gen / RAPSD_ref)`` per bin ``[B]`` (dB). Inputs: mean curves ``[B]``, per-image curves
     ``[N, B]`` or images; dataset spectra are means of per-image RAPSDs."""
     g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
-    if g.shape != r.shape:
-        raise UserError(f"spectral gap needs curves with the same bins, got {tuple(g.shape)} vs {tuple(r.shape)}")
-    return 10.0 * torch.log10(g / r)
+    return torch.from_numpy(gap_db_rows(g[None].numpy(), r[None].numpy())[0])
 
 
 def hf_gap_db(samples: Any, reference: Any, c: float = 0.5, bins: int | None = None) -> float:
     """Mean gap in dB over bins with centre ``>= c``; negative = the samples miss high-frequency energy."""
-    d = spectral_gap_db(samples, reference, bins)
-    sel = (bin_centers(d.numel()) >= c) & torch.isfinite(d)
-    return float(d[sel].mean())
+    g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
+    return float(hf_gap_db_rows(g[None].numpy(), r[None].numpy(), c)[0])
 
 
 def log_spectral_distance(samples: Any, reference: Any, bins: int | None = None) -> float:
     """``mean_b |gap_b|`` in dB over every (finite) bin of ``(0, 1]``."""
-    d = spectral_gap_db(samples, reference, bins)
-    return float(d[torch.isfinite(d)].abs().mean())
+    g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
+    return float(lsd_db_rows(g[None].numpy(), r[None].numpy())[0])
+
+
+def gap_interval(samples: Any, reference: Any, statistic: str, c: float, n_boot: int, confidence: float, seed: int,
+                 paired: bool = False) -> Interval:
+    """Bootstrap interval of a gap statistic (``hf_gap_db`` or ``lsd_db``) between two sets' mean RAPSDs.
+
+    ``samples [N, B]`` and ``reference [M, B]`` are per-image RAPSD curves. The statistic of resample counts
+    ``(cs, cr)`` is the gap of the count-weighted mean curves, so the estimate (counts of one) and every
+    replicate are the same function; with ``paired`` (N == M, row i of each from the same noise and condition)
+    both sets are resampled with one draw.
+    """
+    if statistic not in GAP_STATISTICS:
+        raise UserError(f"gap statistic {statistic!r} is not one of {sorted(GAP_STATISTICS)}")
+    g = np.asarray(torch.as_tensor(samples, dtype=torch.float64))
+    r = np.asarray(torch.as_tensor(reference, dtype=torch.float64))
+    row_stat = GAP_STATISTICS[statistic]
+
+    def of_counts(cs: np.ndarray, cr: np.ndarray) -> np.ndarray:
+        return row_stat(cs @ g / len(g), cr @ r / len(r), c)  # weighted mean curves [R, B] -> [R]
+
+    interval, _ = counts_bootstrap(of_counts, [len(g), len(r)], n_boot, confidence, seed, paired)
+    return interval
 
 
 def paired_log_hf_ratio(student: Any, teacher: Any, c: float = 0.5) -> torch.Tensor:

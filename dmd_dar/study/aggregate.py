@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
+
+from dmd_dar.evaluation.results import Comparison, Evaluation, SetResult, headline
+from dmd_dar.metrics.bootstrap import Interval
 
 # key -> (label, better): better = "higher" | "lower" | "zero" (closer to 0 is better) | "" (no preference)
 METRICS: dict[str, tuple[str, str]] = {
@@ -39,60 +43,72 @@ HEALTH_LOSSES = ("gen/dm_loss", "critic/fake_loss")
 HEALTH_GRADS = ("gen/grad_norm", "critic/grad_norm")
 
 
-def _ci(d: Any) -> dict[str, float] | None:
-    if isinstance(d, dict) and "estimate" in d and d["estimate"] is not None and math.isfinite(d["estimate"]):
-        return {"estimate": float(d["estimate"]), "low": _num(d.get("low")), "high": _num(d.get("high"))}
+def _ci(result: Any) -> dict[str, float] | None:
+    """The headline interval of an evaluation result as the study's ``{estimate, low, high}``, or None where the
+    metric was not computed, is unavailable, or has no finite estimate."""
+    iv = headline(result)
+    if isinstance(iv, Interval) and math.isfinite(iv.estimate):
+        return {"estimate": float(iv.estimate), "low": _num(iv.low), "high": _num(iv.high)}
     return None
 
 
 def _num(x: Any) -> float:
-    return float(x) if isinstance(x, int | float) and x is not None and math.isfinite(x) else math.nan
+    return float(x) if isinstance(x, int | float) and math.isfinite(x) else math.nan
 
 
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
+def _spectral(c: Comparison | None, attr: str) -> Any:
+    return getattr(c.spectral, attr) if c is not None and c.spectral is not None else None
 
 
-def comparison(metrics: dict[str, Any], samples: str, kind: str) -> dict[str, Any]:
-    return next((c for c in metrics["comparisons"] if c["samples"] == samples and c["kind"] == kind), {})
+def _hf_ratio(s: SetResult | None, key: str) -> Interval | None:
+    return s.spectral.scalars.get(key) if s is not None and s.spectral is not None else None
 
 
-def hf_key(metrics: dict[str, Any]) -> str:
-    return f"hf_ratio@{metrics['protocol']['config']['hf_cutoff']:g}"
+def hf_key(metrics: Evaluation) -> str:
+    return f"hf_ratio@{metrics.hf_cutoff:g}"
 
 
-def extract(metrics: dict[str, Any], name: str) -> dict[str, dict[str, float] | None]:
+def extract(metrics: Evaluation, name: str) -> dict[str, dict[str, float] | None]:
     """Every table metric of sample set ``name`` as a CI dict (None where unavailable)."""
-    base, ref = comparison(metrics, name, "baseline"), comparison(metrics, name, "reference")
-    s = metrics["sets"].get(name, {})
+    base, ref = metrics.comparison(name, "baseline"), metrics.comparison(name, "reference")
+    s = metrics.sets.get(name)
     return {
-        "hf_gap_db_vs_teacher": _ci(_get(base, "spectral", "hf_gap_db")),
-        "hf_gap_db_vs_data": _ci(_get(ref, "spectral", "hf_gap_db")),
-        "hf_ratio": _ci(_get(s, "spectral", "scalars", hf_key(metrics))),
-        "paired_log_hf_ratio": _ci(_get(base, "spectral", "paired_log_hf_ratio")),
-        "lpips_fidelity": _ci(_get(base, "lpips_fidelity", "mean")),
-        "lpips_diversity": _ci(_get(s, "lpips_diversity", "mean")),
-        "clip_score": _ci(_get(s, "clip_score", "mean_cos")),
-        "fd_vs_data": _ci(_get(ref, "fd")),
-        "fd_vs_teacher": _ci(_get(base, "fd")),
-        "cmmd_vs_data": _ci(_get(ref, "cmmd")),
-        "cmmd_vs_teacher": _ci(_get(base, "cmmd")),
+        "hf_gap_db_vs_teacher": _ci(_spectral(base, "hf_gap_db")),
+        "hf_gap_db_vs_data": _ci(_spectral(ref, "hf_gap_db")),
+        "hf_ratio": _ci(_hf_ratio(s, hf_key(metrics))),
+        "paired_log_hf_ratio": _ci(_spectral(base, "paired_log_hf_ratio")),
+        "lpips_fidelity": _ci(base.lpips_fidelity if base else None),
+        "lpips_diversity": _ci(s.lpips_diversity if s else None),
+        "clip_score": _ci(s.clip_score if s else None),
+        "fd_vs_data": _ci(ref.fd if ref else None),
+        "fd_vs_teacher": _ci(base.fd if base else None),
+        "cmmd_vs_data": _ci(ref.cmmd if ref else None),
+        "cmmd_vs_teacher": _ci(base.cmmd if base else None),
     }
 
 
-def extract_per_class(metrics: dict[str, Any], name: str) -> dict[str, dict[str, dict[str, float] | None]]:
+def anchors(metrics: Evaluation, teacher: str, reference: str = "reference") -> dict[str, dict[str, Any]]:
+    """The teacher's and the data's own rows of the study table (what the students are read against)."""
+    tref, ts, rs = metrics.comparison(teacher, "reference"), metrics.sets.get(teacher), metrics.sets.get(reference)
+    return {"teacher": {"hf_gap_db_vs_data": _ci(_spectral(tref, "hf_gap_db")),
+                        "hf_ratio": _ci(_hf_ratio(ts, hf_key(metrics))),
+                        "clip_score": _ci(ts.clip_score if ts else None),
+                        "lpips_diversity": _ci(ts.lpips_diversity if ts else None),
+                        "fd_vs_data": _ci(tref.fd if tref else None), "cmmd_vs_data": _ci(tref.cmmd if tref else None)},
+            "data": {"hf_ratio": _ci(_hf_ratio(rs, hf_key(metrics))), "clip_score": _ci(rs.clip_score if rs else None)}}
+
+
+def extract_per_class(metrics: Evaluation, name: str) -> dict[str, dict[str, dict[str, float] | None]]:
     """Per class: HF gap vs teacher and vs data (dB), hf_ratio."""
-    base, ref = comparison(metrics, name, "baseline"), comparison(metrics, name, "reference")
-    per_ratio = _get(metrics["sets"].get(name, {}), "spectral", "per_group", hf_key(metrics)) or {}
-    gaps_t = _get(base, "spectral", "per_group_hf_gap_db") or {}
-    gaps_d = _get(ref, "spectral", "per_group_hf_gap_db") or {}
+    base, ref = metrics.comparison(name, "baseline"), metrics.comparison(name, "reference")
+    s = metrics.sets.get(name)
+    per_ratio = (s.spectral.per_group or {}).get(hf_key(metrics), {}) if s is not None and s.spectral else {}
+    gaps_t = _spectral(base, "per_group_hf_gap_db") or {}
+    gaps_d = _spectral(ref, "per_group_hf_gap_db") or {}
     out: dict[str, dict[str, dict[str, float] | None]] = {}
     for g in dict.fromkeys([*per_ratio, *gaps_t, *gaps_d]):
-        out[g] = {"hf_gap_db_vs_teacher": _ci(gaps_t.get(g)), "hf_gap_db_vs_data": _ci(gaps_d.get(g)),
+        out[g] = {"hf_gap_db_vs_teacher": _ci(gaps_t[g].gap if g in gaps_t else None),
+                  "hf_gap_db_vs_data": _ci(gaps_d[g].gap if g in gaps_d else None),
                   "hf_ratio": _ci(per_ratio.get(g))}
     return out
 
@@ -117,8 +133,6 @@ def over_seeds(cis: list[dict[str, float] | None], confidence: float,
 
 def _t_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float]:
     """(mean, half-width, sd) of the Student-t interval of the mean of ``values`` (n >= 2)."""
-    from scipy import stats
-
     n = len(values)
     sd = float(values.std(ddof=1))
     return float(values.mean()), float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n), sd

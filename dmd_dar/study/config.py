@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dmd_dar.config import load_yaml
 from dmd_dar.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -195,7 +196,6 @@ def load_study(path: str | Path, quick: bool = False, overrides: list[str] = ())
     Merging happens on the YAML nodes, so escaped interpolations (``\\${...}`` in variant overrides, resolved later
     against the run's own config) stay escaped until the suite object is built.
     """
-    from dmd_dar.config import load_yaml
 
     path = resolve_path(path)
     if not path.is_file():

@@ -23,7 +23,12 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dmd_dar.config import build_config, diff_configs, load_saved_config, to_dict
+from dmd_dar.distill import trainer
+from dmd_dar.distill.config import DistillConfig
+from dmd_dar.distill.task import native_teacher_digest
 from dmd_dar.errors import UserError
+from dmd_dar.evaluation import EvalConfig, evaluate
+from dmd_dar.evaluation.suite import prepare_suite
 from dmd_dar.study.config import StudySuite, Variant, resolve_path
 from dmd_dar.utils.io import atomic_write_json, atomic_write_text
 
@@ -67,7 +72,6 @@ def distill_config(suite: StudySuite, suite_file: Path, run: DistillRun, device:
     Variant overrides may interpolate the base config (e.g. ``networks.fake_routing.chunk_size=
     ${networks.student_routing.chunk_size}``), so a variant follows the main job's routing settings.
     """
-    from dmd_dar.distill.config import DistillConfig
 
     d = suite.distill
     layers = [resolve_path(p, suite_file) for p in d.config]
@@ -104,7 +108,6 @@ def check_saved_teacher(cfg, run_dir: Path, summary: dict) -> None:
     teacher file: its results would silently describe the old teacher). Native teachers only (a file digest)."""
     if cfg.networks.teacher_kind != "native":
         return
-    from dmd_dar.distill.task import native_teacher_digest
 
     now = native_teacher_digest(cfg.networks.teacher)
     if summary.get("teacher") != now:
@@ -116,15 +119,13 @@ def check_saved_teacher(cfg, run_dir: Path, summary: dict) -> None:
 
 def distill_state(run: DistillRun, cfg) -> str:
     """'done', 'failed' (stopped on non-finite losses) or 'todo' (missing or resumable)."""
-    from dmd_dar.distill.config import DistillConfig
-    from dmd_dar.distill.trainer import RESUMABLE_CHANGES
 
     summary, export, failed = run.run_dir / "summary.json", run.run_dir / "export" / "dmd_dar.json", run.run_dir / FAILED
     if failed.is_file():
-        check_saved_config(DistillConfig, cfg, run.run_dir, RESUMABLE_CHANGES)
+        check_saved_config(DistillConfig, cfg, run.run_dir, trainer.RESUMABLE_CHANGES)
         return "failed"
     if summary.is_file() and export.is_file():
-        check_saved_config(DistillConfig, cfg, run.run_dir, RESUMABLE_CHANGES)
+        check_saved_config(DistillConfig, cfg, run.run_dir, trainer.RESUMABLE_CHANGES)
         try:
             record = json.loads(summary.read_text())
             steps = record["steps"]
@@ -137,11 +138,10 @@ def distill_state(run: DistillRun, cfg) -> str:
 
 def distill(run: DistillRun, cfg) -> str:
     """Train (or resume) one run; non-finite losses that stop the trainer are recorded, not raised."""
-    from dmd_dar.distill.trainer import run as train
 
     try:
         with trainer_output_to(run.run_dir):
-            train(cfg)
+            trainer.run(cfg)
     except FloatingPointError as exc:
         atomic_write_json({"error": str(exc), "kind": "non-finite losses"}, run.run_dir / FAILED)
         print(f"study: {run.name} stopped: {exc}")
@@ -188,8 +188,6 @@ def _stamp_of(proto: dict[str, Any], cfg) -> dict[str, Any]:
 def sample_and_evaluate(suite: StudySuite, suite_file: Path, study_dir: Path, teacher: Path, run: DistillRun,
                         device: str) -> Path:
     """Sample the run's student (and, once, the teacher and the reference), then evaluate it against both."""
-    from dmd_dar.evaluation import EvalConfig, evaluate
-    from dmd_dar.evaluation.suite import prepare_suite
 
     file = write_eval_suite(suite, suite_file, study_dir, teacher, [(run.name, run.run_dir / "export")], device,
                             run.name)
@@ -203,8 +201,7 @@ def sample_and_evaluate(suite: StudySuite, suite_file: Path, study_dir: Path, te
             return metrics_file
     except (OSError, json.JSONDecodeError):
         pass
-    metrics = evaluate(cfg, proto)
-    atomic_write_json(metrics, metrics_file)
+    atomic_write_json(evaluate(cfg, proto).to_json(), metrics_file)
     atomic_write_json(stamp, out / EVAL_STAMP)
     return metrics_file
 

@@ -8,6 +8,7 @@ the held-out reference is computed in the in-domain CLIP feature space; points a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,18 @@ from typing import Any
 
 import torch
 
+from dmd_dar.artifact import load_artifact
 from dmd_dar.config import build_config
 from dmd_dar.errors import UserError
+from dmd_dar.evaluation import EvalConfig, evaluate
+from dmd_dar.evaluation.results import DistributionDistance, to_json
+from dmd_dar.evaluation.suite import prepare_suite
 from dmd_dar.study.config import StudySuite, Variant, resolve_path
-from dmd_dar.utils.io import atomic_write_json
+from dmd_dar.study.detail import check_saved_config, trainer_output_to
+from dmd_dar.training import teacher as teacher_training
+from dmd_dar.training.seeding import derive_seed
+from dmd_dar.training.teacher import RESUMABLE_CHANGES, TeacherConfig
+from dmd_dar.utils.io import atomic_write_json, atomic_write_text
 
 FD_FILE = "fd.json"
 FAILED = "failed.json"
@@ -46,7 +55,6 @@ def stages(suite: StudySuite) -> list[int]:
 
 
 def teacher_config(suite: StudySuite, suite_file: Path, run: PretrainRun, steps: int, device: str, progress: bool):
-    from dmd_dar.training.teacher import TeacherConfig
 
     p = suite.pretraining
     layers = [resolve_path(x, suite_file) for x in p.config]
@@ -72,8 +80,6 @@ def read_points(run: PretrainRun) -> dict[int, Any]:
 
 def pending(suite: StudySuite, suite_file: Path, run: PretrainRun, device: str) -> list[int]:
     """The stages of this run without an FD point; a finished run made with another config is an error."""
-    from dmd_dar.study.detail import check_saved_config
-    from dmd_dar.training.teacher import RESUMABLE_CHANGES, TeacherConfig
 
     done = read_points(run)
     if (run.run_dir / FAILED).is_file():
@@ -87,21 +93,16 @@ def pending(suite: StudySuite, suite_file: Path, run: PretrainRun, device: str) 
 def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: PretrainRun, step: int, device: str,
               progress: bool) -> dict[str, Any]:
     """Train (resume) to ``step``, sample the export, compute its FD vs the reference; record the point."""
-    from dmd_dar.artifact import load_artifact
-    from dmd_dar.evaluation import evaluate
     from dmd_dar.sampling import SampleConfig, resolve_device, sample_folder
-    from dmd_dar.training.seeding import derive_seed
-    from dmd_dar.training.teacher import run as train
 
     p = suite.pretraining
     cfg = teacher_config(suite, suite_file, run, step, device, progress)
     # The teacher trainer draws its initial weights from the global RNG: seed it so seeds differ and repeat.
     torch.manual_seed(derive_seed("study-pretrain-init", run.seed) % (2**63))
-    from dmd_dar.study.detail import trainer_output_to
 
     try:
         with trainer_output_to(run.run_dir):
-            export = train(cfg)
+            export = teacher_training.run(cfg)
     except (FloatingPointError, RuntimeError) as exc:
         if not isinstance(exc, FloatingPointError) and "non-finite" not in str(exc):
             raise
@@ -114,9 +115,10 @@ def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: Pretrai
     records = sample_folder(model, meta, folder, SampleConfig(checkpoint=str(export), num_per_class=p.fd_num_per_class,
                                                     seed=0, steps=p.fd_sample_steps, batch_size=64, device=device))
     eval_cfg = _fd_eval_config(suite, suite_file, study_dir, run, folder, device)
-    metrics = evaluate(eval_cfg)
-    comp = next(c for c in metrics["comparisons"] if c["kind"] == "reference")
-    point = {"step": step, "fd": comp["fd"], "n": len(records)}
+    result = evaluate(eval_cfg)
+    comp = next(c for c in result.comparisons if c.kind == "reference")
+    fd = comp.fd.value if isinstance(comp.fd, DistributionDistance) else None  # None: FD unavailable here
+    point = {"step": step, "fd": to_json(fd), "n": len(records)}
     points = read_points(run)
     points[step] = point
     atomic_write_json({"variant": run.variant.name, "seed": run.seed, "points": {str(k): points[k] for k in
@@ -128,13 +130,9 @@ def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: Pretrai
 def _fd_eval_config(suite: StudySuite, suite_file: Path, study_dir: Path, run: PretrainRun, folder: Path,
                     device: str):
     """FD of one sample folder vs the study's held-out reference, through the evaluation-suite machinery."""
-    import dataclasses
 
     from omegaconf import OmegaConf
 
-    from dmd_dar.evaluation import EvalConfig
-    from dmd_dar.evaluation.suite import prepare_suite
-    from dmd_dar.utils.io import atomic_write_text
 
     base_file = resolve_path(suite.eval.suite, suite_file)
     conf = OmegaConf.merge(OmegaConf.load(base_file), OmegaConf.create(dict(suite.eval.overrides)))

@@ -13,9 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from dmd_dar.report.html import ci_cell, fmt
+from dmd_dar.data.manifest import read_manifest
+from dmd_dar.evaluation.report import ci_cell, fmt
+from dmd_dar.evaluation.results import Evaluation, from_json
+from dmd_dar.metrics.bootstrap import Interval
 from dmd_dar.study import aggregate as A
 from dmd_dar.study.config import StudyConfig, StudySuite
+from dmd_dar.study.pretraining import read_points, stages
 from dmd_dar.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 _CSS = """
@@ -55,7 +59,7 @@ def collect_detail(suite: StudySuite, runs, metric_files: dict[str, Path]) -> di
     """Per (variant, student steps): metrics over seeds, per-class metrics over seeds, health; teacher/data rows."""
     conf = suite.confidence
     d = suite.distill
-    loaded = {n: json.loads(p.read_text()) for n, p in metric_files.items()}
+    loaded = {n: Evaluation.load(p) for n, p in metric_files.items()}
     rows, per_class, health = [], [], {}
     for k in d.student_steps:
         for v in d.variants:
@@ -75,23 +79,10 @@ def collect_detail(suite: StudySuite, runs, metric_files: dict[str, Path]) -> di
             per_class.append({"variant": v.name, "student_steps": k, "classes": {
                 g: {m: A.over_seeds([pc.get(g, {}).get(m) for pc in pcs], conf)
                     for m in ("hf_gap_db_vs_teacher", "hf_gap_db_vs_data", "hf_ratio")} for g in groups}})
-    anchors = {}
-    if loaded:
-        first_name, m = next(iter(loaded.items()))
-        t = suite.eval.teacher.name
-        tref = A.comparison(m, t, "reference")
-        ts = m["sets"].get(t, {})
-        anchors["teacher"] = {"hf_gap_db_vs_data": A._ci(A._get(tref, "spectral", "hf_gap_db")),
-                              "hf_ratio": A._ci(A._get(ts, "spectral", "scalars", A.hf_key(m))),
-                              "clip_score": A._ci(A._get(ts, "clip_score", "mean_cos")),
-                              "lpips_diversity": A._ci(A._get(ts, "lpips_diversity", "mean")),
-                              "fd_vs_data": A._ci(A._get(tref, "fd")), "cmmd_vs_data": A._ci(A._get(tref, "cmmd"))}
-        rs_ = m["sets"].get("reference", {})
-        anchors["data"] = {"hf_ratio": A._ci(A._get(rs_, "spectral", "scalars", A.hf_key(m))),
-                           "clip_score": A._ci(A._get(rs_, "clip_score", "mean_cos"))}
+    anchors = A.anchors(next(iter(loaded.values())), suite.eval.teacher.name) if loaded else {}
     reading = detail_reading(suite, rows, health)
     # Which perceptual distance filled the "LPIPS" columns (ST-LPIPS when the standard AlexNet trunk is absent).
-    lpips_used = next((A._get(m, "protocol", "models", "lpips") for m in loaded.values()), None)
+    lpips_used = next((m.protocol.get("models", {}).get("lpips") for m in loaded.values()), None)
     return {"rows": rows, "per_class": per_class, "anchors": anchors, "reading": reading, "lpips_model": lpips_used,
             "health": {n: {k: v for k, v in h.items() if k != "curves"} for n, h in health.items()},
             "_curves": {n: h["curves"] for n, h in health.items()}}
@@ -138,8 +129,18 @@ def detail_reading(suite: StudySuite, rows: list[dict[str, Any]], health: dict[s
     return out
 
 
+def _fd_point(point: dict[str, Any] | None) -> Interval | None:
+    """The FD interval of one point of a pretraining run's ``fd.json`` (None: not measured, or diverged)."""
+    fd = (point or {}).get("fd")
+    return from_json(Interval, fd, "fd.json point") if fd is not None else None
+
+
+def _fd_estimate(point: dict[str, Any] | None) -> float | None:
+    fd = _fd_point(point)
+    return fd.estimate if fd is not None else None
+
+
 def collect_pretraining(suite: StudySuite, pre_runs) -> dict[str, Any]:
-    from dmd_dar.study.pretraining import read_points, stages
 
     p = suite.pretraining
     steps = stages(suite)
@@ -148,13 +149,13 @@ def collect_pretraining(suite: StudySuite, pre_runs) -> dict[str, Any]:
         pts = {r.seed: read_points(r) for r in pre_runs if r.variant.name == v.name}
         per_step = {}
         for s in steps:
-            cis = [A._ci(pts[seed].get(s, {}).get("fd")) for seed in pts]
+            cis = [A._ci(_fd_point(pts[seed].get(s))) for seed in pts]
             per_step[str(s)] = A.over_seeds(cis, suite.confidence, list(pts))
         failed = {str(r.seed): json.loads((r.run_dir / "failed.json").read_text())["error"]
                   for r in pre_runs if r.variant.name == v.name and (r.run_dir / "failed.json").is_file()}
         curves[v.name] = {"label": v.label or v.name, "fd": per_step, "diverged_seeds": failed,
-                          "per_seed": {str(seed): {str(s): (pt.get(s, {}).get("fd") or {}).get("estimate")
-                                                    for s in steps} for seed, pt in pts.items()}}
+                          "per_seed": {str(seed): {str(s): _fd_estimate(pt.get(s)) for s in steps}
+                                       for seed, pt in pts.items()}}
     return {"steps": steps, "curves": curves, "reading": pretraining_reading(suite, curves, steps),
             "feature_space": "in-domain CLIP (eval suite clip settings)"}
 
@@ -247,25 +248,26 @@ def _plot_finite(ax, x: np.ndarray, y: np.ndarray, *args, positive: bool = False
 def spectra_plot(suite: StudySuite, runs, metric_files: dict[str, Path], k: int) -> bytes | None:
     """Mean RAPSD of the teacher, the data and every variant (mean over seeds), plus gap-to-teacher curves."""
     plt = _plt()
-    loaded = {r.name: json.loads(metric_files[r.name].read_text()) for r in runs
+    loaded = {r.name: Evaluation.load(metric_files[r.name]) for r in runs
               if r.student_steps == k and r.name in metric_files}
     if not loaded:
         return None
     first = next(iter(loaded.values()))
     t = suite.eval.teacher.name
-    if "spectral" not in first["sets"].get(t, {}):
+    spectra = {n: e.spectral for n, e in first.sets.items() if e.spectral is not None}
+    if t not in spectra:
         return None
-    rho = _arr(first["sets"][t]["spectral"]["rho"])
+    rho = _arr(spectra[t].rho)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     ax.set_xscale("log")
     ax.set_yscale("log")
     for name, style in ((t, "k-"), ("reference", "k--")):
-        if "spectral" in first["sets"].get(name, {}):
-            _plot_finite(ax, rho, _arr(first["sets"][name]["spectral"]["mean_rapsd"]), style, lw=2, positive=True,
+        if name in spectra:
+            _plot_finite(ax, rho, _arr(spectra[name].mean_rapsd), style, lw=2, positive=True,
                          label="data (held-out)" if name == "reference" else f"teacher ({t})")
-    t_curve = _arr(first["sets"][t]["spectral"]["mean_rapsd"])
+    t_curve = _arr(spectra[t].mean_rapsd)
     for v in suite.distill.variants:
-        curves = [_arr(m["sets"][r.name]["spectral"]["mean_rapsd"])
+        curves = [_arr(m.sets[r.name].spectral.mean_rapsd)
                   for r in runs if r.variant.name == v.name and r.student_steps == k and (m := loaded.get(r.name))]
         if not curves:
             continue
@@ -276,7 +278,7 @@ def spectra_plot(suite: StudySuite, runs, metric_files: dict[str, Path], k: int)
         _plot_finite(ax2, rho, np.mean(gaps, axis=0), color=line.get_color(), lw=1.4, label=v.label or v.name)
         for g in gaps if len(gaps) > 1 else []:
             _plot_finite(ax2, rho, g, color=line.get_color(), lw=0.5, alpha=0.4)
-    c = first["protocol"]["config"]["hf_cutoff"]
+    c = first.hf_cutoff
     for a in (ax, ax2):
         a.axvline(c, color="0.6", lw=0.8, ls=":")
         a.grid(True, which="both", alpha=0.25)
@@ -361,7 +363,6 @@ def sample_grid(folders: list[tuple[str, Path]], per_class: int) -> list[tuple[s
     """One image per model: classes as rows, the first ``per_class`` seeds as columns, upscaled x2."""
     from PIL import Image
 
-    from dmd_dar.data.manifest import read_manifest
 
     out = []
     for label, folder in folders:
@@ -446,7 +447,7 @@ def _md_lpips_note(lpips_model: Any) -> list[str]:
     if not isinstance(lpips_model, dict):
         return []
     name = lpips_model.get("name") or lpips_model.get("model") or lpips_model.get("net")
-    ran = A._get(lpips_model, "selection", "ran")
+    ran = (lpips_model.get("selection") or {}).get("ran")
     comparable = lpips_model.get("comparable_with_lpips", ran != "stlpips_alex")
     if not name and not ran:
         return []
@@ -566,9 +567,9 @@ def write_html(suite: StudySuite, out: Path, det: dict[str, Any] | None, pre: di
 
 
 def write_study_outputs(suite: StudySuite, cfg: StudyConfig, out: Path, runs, metric_files: dict[str, Path],
-                        pre_runs, teacher: Path | None, recipes: dict[str, Any] | None = None) -> Path:
-    from dmd_dar.study.runner import command_line
-
+                        pre_runs, teacher: Path | None, command: str, recipes: dict[str, Any] | None = None) -> Path:
+    """Write ``results.json``, ``results.md``, ``report.html`` and the plots of a study; ``command`` is the
+    command line that reproduces it (the runner's, passed in as text)."""
     plots: dict[str, bytes] = {}
     grids: dict[int, list[tuple[str, bytes]]] = {}
     det = pre = None
@@ -600,7 +601,6 @@ def write_study_outputs(suite: StudySuite, cfg: StudyConfig, out: Path, runs, me
     plot_dir.mkdir(parents=True, exist_ok=True)
     for key, png in plots.items():
         atomic_write(plot_dir / f"{key}.png", lambda tmp, b=png: Path(tmp).write_bytes(b))
-    command = command_line(cfg)
     record = {}
     if (out / "study_run.json").is_file():
         record = json.loads((out / "study_run.json").read_text())

@@ -20,10 +20,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dmd_dar.config import build_config
+from dmd_dar.distill.config import DistillConfig
 from dmd_dar.errors import UserError
 from dmd_dar.study import detail as D
 from dmd_dar.study import pretraining as P
 from dmd_dar.study.config import StudyConfig, StudySuite, load_study, resolve_path
+from dmd_dar.study.report import write_study_outputs
+from dmd_dar.training.teacher import TeacherConfig
 from dmd_dar.utils.io import atomic_write_json
 
 
@@ -51,10 +55,6 @@ def study_dir(cfg: StudyConfig, suite: StudySuite) -> Path:
 
 def estimate_seconds(suite: StudySuite, detail: bool, pretraining: bool) -> dict[str, float]:
     """The budget arithmetic of the YAML comments, from the suite's ``budget`` rates (seconds per part)."""
-    from dmd_dar.config import build_config
-    from dmd_dar.distill.config import DistillConfig
-    from dmd_dar.training.teacher import TeacherConfig
-
     b, d, p = suite.budget, suite.distill, suite.pretraining
     out: dict[str, float] = {}
     if detail:
@@ -94,8 +94,6 @@ def _print_plan(cfg: StudyConfig, suite: StudySuite, out: Path, detail: bool, pr
 
 def run(cfg: StudyConfig) -> Path:
     """Run (or resume) the study; returns the path of ``report.html``."""
-    from dmd_dar.study.report import write_study_outputs
-
     suite_file = resolve_path(cfg.suite)
     suite = load_study(suite_file, cfg.quick, cfg.set)
     out = study_dir(cfg, suite)
@@ -163,7 +161,8 @@ def run(cfg: StudyConfig) -> Path:
     recipes = {}
     for r, c in zip(runs, dcfgs):
         recipes.setdefault(r.variant.name, {})[str(r.student_steps)] = D.recipe(c)
-    report = write_study_outputs(suite, cfg, out, runs, metric_files, pre_runs, teacher, recipes)
+    report = write_study_outputs(suite, cfg, out, runs, metric_files, pre_runs, teacher, command_line(cfg),
+                                 recipes)
     print(f"study: wrote {report}, {out / 'results.md'}")
     return report
 

@@ -1,0 +1,112 @@
+"""Report plots (matplotlib, Agg backend): RAPSD overlay, spectral gap curves, HF gap per class.
+
+Each function takes the :class:`~dmd_dar.evaluation.results.Evaluation` of ``dmd-dar eval`` and returns PNG
+bytes (or None when the data is not there), so the HTML can embed them and the caller can write them next to it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from types import ModuleType
+
+from dmd_dar.evaluation.results import Evaluation
+
+
+def _pyplot() -> ModuleType:
+    # lazy: matplotlib takes ~0.5 s to import and only a report needs it (not `dmd-dar --help`, not the metrics)
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _finite(xs, ys):
+    pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and y > 0]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def rapsd_plot(result: Evaluation) -> bytes | None:
+    """Mean radial spectra of every set, log-log; the reference dashed black."""
+    sets = {n: e for n, e in result.sets.items() if e.spectral is not None}
+    if not sets:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.2))
+    for name, e in sets.items():
+        x, y = _finite(e.spectral.rho, e.spectral.mean_rapsd)
+        ref = e.role == "reference"
+        ax.loglog(x, y, "k--" if ref else "-", lw=2.2 if ref else 1.4, label=f"{name} (n={e.n})")
+    ax.axvline(result.hf_cutoff, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("radial frequency rho (fraction of Nyquist)")
+    ax.set_ylabel("mean RAPSD (luma, [0,1] scale)")
+    ax.set_title("Radially averaged power spectra")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def gap_plot(result: Evaluation) -> bytes | None:
+    """Per-bin spectral gap in dB of each comparison (0 = same energy as its reference)."""
+    comps = [c for c in result.comparisons if c.spectral is not None]
+    if not comps:
+        return None
+    rho = next(e.spectral.rho for e in result.sets.values() if e.spectral is not None)
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.2))
+    for c in comps:
+        pts = [(x, y) for x, y in zip(rho, c.spectral.gap_db_curve) if y is not None and math.isfinite(y)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=c.name, lw=1.4,
+                ls="-" if c.kind == "reference" else "--")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(result.hf_cutoff, color="0.6", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("radial frequency rho (fraction of Nyquist)")
+    ax.set_ylabel("gap 10 log10(P_samples / P_ref) [dB]")
+    ax.set_title("Spectral gap (negative = missing energy)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def hf_gap_per_group_plot(result: Evaluation, max_groups: int = 24) -> bytes | None:
+    """HF gap (dB) per class / prompt for each comparison, with its bootstrap CI as error bars."""
+    comps = [c for c in result.comparisons if c.spectral is not None and c.spectral.per_group_hf_gap_db]
+    if not comps:
+        return None
+    groups: list[str] = []
+    for c in comps:
+        groups += [g for g in c.spectral.per_group_hf_gap_db if g not in groups]
+    groups = groups[:max_groups]
+    width = 0.8 / len(comps)
+    fig, ax = _pyplot().subplots(figsize=(max(6.4, 0.55 * len(groups) * max(1, len(comps) / 2)), 4.2))
+    for k, c in enumerate(comps):
+        per = c.spectral.per_group_hf_gap_db
+        xs, ys, lo, hi = [], [], [], []
+        for i, g in enumerate(groups):
+            if g not in per or not math.isfinite(per[g].gap.estimate):
+                continue
+            d = per[g].gap
+            xs.append(i + (k - (len(comps) - 1) / 2) * width)
+            ys.append(d.estimate)
+            lo.append(d.estimate - d.low if math.isfinite(d.low) else 0.0)
+            hi.append(d.high - d.estimate if math.isfinite(d.high) else 0.0)
+        ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=c.name)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([g if len(g) <= 24 else g[:22] + ".." for g in groups], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("HF gap [dB] (rho >= cutoff)")
+    ax.set_title("High-frequency gap per class / prompt (95% bootstrap CI)")
+    ax.grid(True, axis="y", alpha=0.25)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+PLOTS = {"rapsd.png": rapsd_plot, "gap_db.png": gap_plot, "hf_gap_per_group.png": hf_gap_per_group_plot}
