@@ -16,6 +16,7 @@ from diffusers import (
 )
 
 from dmd_dar.backbones import ADAPTERS, DARTransformer, wrap_with_dar
+from dmd_dar.distill.task import disable_dropout
 from dmd_dar.routing import RoutingConfig
 
 B = 2
@@ -185,6 +186,25 @@ def test_pixart_sigma_width_twin_is_bit_exact():
     atol = 1e-6 * max(g.abs().max().item() for g in expected_grads.values())
     for key, g in expected_grads.items():
         torch.testing.assert_close(grads[key], g, atol=atol, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_train_mode_equals_eval_mode_once_dropout_is_disabled(name):
+    """What the distillation tasks do to the student and the fake score (``disable_dropout``) leaves nothing that
+    differs between .train() and .eval() in any family. DiT's per-block label embedders (dropout 0.1 each) are the
+    only train-mode behaviour of the five: PixArt, SD3, Flux and Qwen-Image already run alike in both modes."""
+    model, inputs = make(name)
+    wrapper = wrap_with_dar(model, dar("dynamic", 3), route_text=name in TWO_STREAM)
+    label_dropout = [m for m in wrapper.modules() if getattr(m, "dropout_prob", 0) > 0]
+    assert len(label_dropout) == (len(model.transformer_blocks) if name == "DiT" else 0)
+    expected, _ = _run(wrapper.eval(), inputs, grad=False)
+    if name != "DiT":
+        assert torch.equal(_run(wrapper.train(), inputs, grad=False)[0], expected)
+    disable_dropout(wrapper)
+    assert not [m for m in wrapper.modules() if getattr(m, "dropout_prob", 0) > 0]
+    for seed in range(4):  # several draws: with B=2 one draw may drop no label by chance
+        torch.manual_seed(seed)
+        assert torch.equal(_run(wrapper.train(), inputs, grad=False)[0], expected)
 
 
 @pytest.mark.parametrize("query", ["static", "static_t", "dynamic"])
