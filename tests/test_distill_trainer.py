@@ -1,5 +1,6 @@
 """The distill trainer end to end on a tiny teacher: phases, resume, bad input (multi-process: test_distill_fsdp)."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -121,6 +122,27 @@ def test_student_starts_equal_to_teacher(tiny_teacher):
     student = task.build_network(RoutingConfig(kind="dar", query="static_t", chunk_size=2), False).eval()
     x, t, y = torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2])
     torch.testing.assert_close(student(x, t, y), task.net(x, t, y), atol=1e-5, rtol=1e-5)
+
+
+def test_student_and_fake_score_do_not_drop_labels(tiny_teacher):
+    """The teacher's label dropout (0.1, a CFG-pretraining device) is off in both distillation networks: their
+    training-mode forward equals their eval-mode forward, and the exported config says so; the teacher keeps it."""
+    cfg = build_config(DistillConfig, [], _overrides(tiny_teacher, Path("unused"), 1))
+    task = build_task(cfg, "cpu")
+    x, t, y = torch.randn(128, 3, 16, 16), torch.rand(128), torch.arange(128) % 8
+    teacher = copy.deepcopy(task.net)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the same copy in .train() drops labels: at 128 samples the check below has teeth
+        assert not torch.equal(teacher.train()(x, t, y), teacher.eval()(x, t, y))
+    for routing in (cfg.networks.student_routing, cfg.networks.fake_routing):
+        net = task.build_network(routing, False)
+        assert net.training and net.cfg.class_dropout_prob == 0.0
+        with torch.no_grad():
+            train_out = net(x, t, y)
+            eval_out = net.eval()(x, t, y)
+        assert torch.equal(train_out, eval_out), routing.kind
+        torch.testing.assert_close(eval_out, task.net(x, t, y), atol=1e-5, rtol=1e-5)  # the teacher's function
+    assert task.net.cfg.class_dropout_prob == 0.1 and task.net.y_embedder.dropout_prob == 0.1
 
 
 def test_resume_continues_exactly(tiny_teacher, tmp_path):

@@ -17,28 +17,31 @@ from dmd_dar.t2i.families import pack, unpack
 from dmd_dar.t2i.tiny import build_tiny_pipeline
 
 PROMPTS = ["a cat on a mat", "a red fox in the snow", "macro photo of a bee"]
+CLASS_IDS = ["1", "3", "7"]  # the tiny DiT's "prompts"
 
 
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    for family in ("sd3", "flux"):
+    (root / "class_ids.txt").write_text("\n".join(CLASS_IDS) + "\n")
+    for family in ("sd3", "flux", "dit"):
         build_tiny_pipeline(family, root / family)
     return root
 
 
 def make_cfg(root, family, *extra):
+    prompts = root / ("class_ids.txt" if family == "dit" else "prompts.txt")
     return build_config(DistillConfig, [], [
         "networks.teacher_kind=diffusers", f"t2i.model={root / family}", "t2i.dtype=float32", "t2i.height=16",
-        "t2i.width=16", f"t2i.prompts=[{root / 'prompts.txt'}]", "t2i.max_sequence_length=8",
+        "t2i.width=16", f"t2i.prompts=[{prompts}]", "t2i.max_sequence_length=8",
         f"t2i.embed_cache_dir={root / 'cache'}", "t2i.reference_samples=2", "t2i.teacher_steps=2",
         "t2i.grid_prompts=1", "method.guidance_scale=3.0", "method.regression_weight=0", *extra])
 
 
 @pytest.fixture(scope="module")
 def tasks(pipes):
-    return {f: DiffusersT2ITask(make_cfg(pipes, f), "cpu") for f in ("sd3", "flux")}
+    return {f: DiffusersT2ITask(make_cfg(pipes, f), "cpu") for f in ("sd3", "flux", "dit")}
 
 
 def test_teacher_reproduces_the_diffusers_pipeline_sd3(tasks):
@@ -147,6 +150,37 @@ def test_residual_student_equals_teacher_and_dar_is_function_preserving(tasks):
             net = task.build_network(RoutingConfig(kind=kind), gradient_checkpointing=False)
             torch.testing.assert_close(net(batch.noise, t, batch.cond), ref, atol=1e-5, rtol=1e-5)
     assert task.embedded_guidance == 3.0  # the student / fake input when cond has no guidance
+
+
+@pytest.mark.parametrize("family", ["dit", "sd3", "flux"])
+def test_distillation_networks_run_in_train_mode_as_in_eval(tasks, family):
+    """The student and the fake score are trained in .train(); there they must compute their .eval() function.
+    DiT's per-block label embedders drop labels with p = 0.1 (each block on its own) in the stock model, which
+    the teacher keeps (checked: at 64 samples it differs between modes); build_network switches that off. SD3 and
+    Flux (here with LoRA on the fake score, peft's dropout included) have nothing that differs between modes."""
+    task = tasks[family]
+    batch = task.draw(64, torch.Generator().manual_seed(3), "cpu", False)
+    t = torch.rand(64, generator=torch.Generator().manual_seed(4))
+    teacher = task.teacher.net
+    torch.manual_seed(0)  # the stock label dropout's draws
+    with torch.no_grad():
+        ref = teacher(batch.noise, t, batch.cond)
+        dropped = teacher.train()(batch.noise, t, batch.cond)
+    teacher.eval()
+    if family == "dit":
+        assert not torch.equal(dropped, ref)  # the stock DiT drops labels in .train(): what the test must catch
+    for routing, lora in ((RoutingConfig(kind="dar", query="static_t"), 0), (RoutingConfig(kind="residual"), 4)):
+        task.tc.lora_rank = lora if family != "dit" else 0
+        try:
+            net = task.build_network(routing, gradient_checkpointing=False)
+        finally:
+            task.tc.lora_rank = 0
+        assert net.training
+        with torch.no_grad():
+            train_out = net(batch.noise, t, batch.cond)
+            eval_out = net.eval()(batch.noise, t, batch.cond)
+        assert torch.equal(train_out, eval_out), routing.kind
+        torch.testing.assert_close(eval_out, ref, atol=1e-5, rtol=1e-5)  # still the teacher's function at step 0
 
 
 def test_export_and_load_student_with_lora(tasks, tmp_path):

@@ -60,7 +60,10 @@ class PixArtDAR(DARTransformer):
         # 1. Input.
         batch_size = hidden_states.shape[0]
         height, width = hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch
-        hidden_states = model.pos_embed(hidden_states)  # [B, T, D] = v_0
+        # PatchEmbed returns a transposed view. The stock block's sum attn + x is contiguous (its first operand's
+        # layout), the router's x + attn would be strided; the cross-attention reads that sum without a norm, and
+        # its matmul rounds a strided operand differently (1 ulp at full width). Contiguous, the twin is bit-exact.
+        hidden_states = model.pos_embed(hidden_states).contiguous()  # [B, T, D] = v_0
         timestep, embedded_timestep = model.adaln_single(
             timestep, added_cond_kwargs, batch_size=batch_size, hidden_dtype=hidden_states.dtype
         )  # [B, 6 * D], [B, D]

@@ -35,7 +35,7 @@ from torch import nn
 from dmd_dar.diffusion.paths import make_path
 from dmd_dar.diffusion.samplers import few_step_sample, guided, sample_ode, student_timesteps
 from dmd_dar.distill.denoiser import Denoiser
-from dmd_dar.distill.task import Batch, DistillTask
+from dmd_dar.distill.task import Batch, DistillTask, disable_dropout
 from dmd_dar.errors import UserError
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.t2i import embeddings as E
@@ -230,8 +230,10 @@ class DiffusersT2ITask(DistillTask):
 
     # -- DistillTask --------------------------------------------------------------------------------------------
     def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
-        """A trainable copy of the teacher: DAR retrofit (or residual twin) [+ LoRA]; the second call (the fake
-        score, after the student) prints the memory estimate."""
+        """A trainable copy of the teacher: DAR retrofit (or residual twin) [+ LoRA], with every dropout
+        probability zeroed (``disable_dropout``: DiT's per-block label dropout, any attention / FF / LoRA dropout),
+        so it runs in ``.train()`` as in ``.eval()``; the second call (the fake score, after the student) prints
+        the memory estimate."""
         from dmd_dar.backbones import wrap_with_dar
         from dmd_dar.t2i.lora import add_lora
 
@@ -252,7 +254,7 @@ class DiffusersT2ITask(DistillTask):
             wrapped.requires_grad_(True)
         if gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        net = T2INet(wrapped, self.family, self.embedded_guidance).to(self.device).train()
+        net = disable_dropout(T2INet(wrapped, self.family, self.embedded_guidance)).to(self.device).train()
         net.vae_scale_factor = self.vae_factor
         self._built.append(net)
         if len(self._built) == 2:

@@ -74,6 +74,37 @@ class DistillTask:
         raise NotImplementedError
 
 
+# Every torch layer that zeroes activations at random in .train() and is the identity in .eval().
+DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def disable_dropout(net: nn.Module) -> nn.Module:
+    """Zero, in place, every dropout probability of a distillation network (student or fake score), so that its
+    ``.train()`` forward is its ``.eval()`` forward; returns ``net``.
+
+    Label dropout is a teacher-pretraining device for classifier-free guidance. In DMD2 the real score applies CFG
+    explicitly and the fake score runs without it, so neither distilled network should replace a condition by the
+    null one: a dropped label makes that sample be generated, denoised or scored unconditionally while the teacher,
+    the DM gradient and the regression target treat it as its class (a wrong signal for ~1 sample in 10 at the
+    usual 0.1). What is switched off:
+
+    - label embedders (any module with a ``dropout_prob``): the native ``LabelEmbedder`` and diffusers'
+      ``LabelEmbedding``, of which ``DiTTransformer2DModel`` has one per block (each dropping labels on its own);
+    - dropout layers (``DROPOUT_LAYERS``): diffusers' attention / feed-forward dropout and peft's ``lora_dropout``,
+      all p = 0 in the published configs, zeroed all the same so that no checkpoint brings one in.
+
+    The probabilities are set to zero rather than the modules put in ``.eval()`` because the trainer switches the
+    whole network back to ``.train()`` every step. The teacher is not touched (``train-teacher`` keeps its label
+    dropout); the tasks' tests check train == eval for each network they build.
+    """
+    for module in net.modules():
+        if isinstance(module, DROPOUT_LAYERS):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout_prob", None), (int, float)):
+            module.dropout_prob = 0.0
+    return net
+
+
 def native_teacher_digest(folder: str | Path) -> str:
     """sha256 of an exported teacher's weights (``folder``: as ``networks.teacher`` names it): what checkpoints, run
     summaries and the regression-pair cache record, so results of another teacher are never taken for this one's."""
@@ -111,12 +142,14 @@ class NativeTask(DistillTask):
         self._make_dataset = make_dataset
 
     def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
-        """A trainable copy of the teacher: a function-preserving DAR retrofit, or a plain residual copy."""
+        """A trainable copy of the teacher: a function-preserving DAR retrofit, or a plain residual copy, without
+        the teacher's label dropout (``disable_dropout`` says why)."""
         from dmd_dar.models import to_dar
 
         net = to_dar(self.net, routing) if routing.is_dar else copy.deepcopy(self.net)
         net.cfg.gradient_checkpointing = gradient_checkpointing
-        return net.train().requires_grad_(True)
+        net.cfg.class_dropout_prob = 0.0  # the copy's own config, so the export records what was trained
+        return disable_dropout(net).train().requires_grad_(True)
 
     def param_groups(self, net, lr, routing_lr, weight_decay):
         from dmd_dar.models import param_groups

@@ -1,5 +1,5 @@
-"""Tiny random diffusers text-to-image pipelines, built from configs with no downloads (tests, smoke runs, the
-``--dry-run`` of ``eval/gpu_dmd2_realscale.py``).
+"""Tiny random diffusers pipelines (text-to-image, and the class-conditional DiT), built from configs with no
+downloads (tests, smoke runs, the ``--dry-run`` of ``eval/gpu_dmd2_realscale.py``).
 
 ``build_tiny_pipeline(family, folder)`` writes a complete pipeline folder (``model_index.json`` + components) that
 loads back through ``DiffusionPipeline.from_pretrained(folder, local_files_only=True)``: a tiny transformer, a tiny
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("sd3", "flux")
+TINY_FAMILIES = ("sd3", "flux", "dit")
 _NUM_MERGES = 2000  # a prefix of CLIP's 48894 BPE merges: real tokenisation, small vocabulary
 
 
@@ -71,12 +71,17 @@ def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None
 
 
 def build_tiny_pipeline(family: str, folder: str | Path, seed: int = 0):
-    """Build, save to ``folder`` and return a tiny random pipeline of ``family`` (sd3 | flux).
+    """Build, save to ``folder`` and return a tiny random pipeline of ``family`` (sd3 | flux | dit).
 
-    VAE downsampling is 2x, so a 16x16 image has 8x8 latents (SD3: 4x4 tokens with patch 2; Flux: 4x4 packed
+    VAE downsampling is 2x, so a 16x16 image has 8x8 latents (SD3, DiT: 4x4 tokens with patch 2; Flux: 4x4 packed
     tokens). SD3's scheduler has shift 3.0; Flux's uses dynamic shifting (and guidance embeddings, like Flux-dev).
+    DiT is class-conditional over 10 classes (prompts: integer class ids) with DiT-XL/2's learned sigma and
+    per-block label embedders, on a linear-beta DDIM schedule.
     """
     from diffusers import (
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         FluxTransformer2DModel,
@@ -104,6 +109,11 @@ def build_tiny_pipeline(family: str, folder: str | Path, seed: int = 0):
         pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_vae(4, 0.3611, 0.1159),
                             text_encoder=_clip(False, projection_dim=8, hidden=8), text_encoder_2=_t5(12),
                             tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
+    elif family == "dit":
+        transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                            out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                            num_embeds_ada_norm=10)
+        pipe = DiTPipeline(transformer=transformer, vae=_vae(4, 0.18215, None), scheduler=DDIMScheduler())
     else:
         raise ValueError(f"tiny pipelines exist for {TINY_FAMILIES}, not {family!r}")
     _randomise(pipe.transformer, seed)
