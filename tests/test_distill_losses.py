@@ -120,7 +120,7 @@ def test_dmd_real_score_uses_method_guidance_interval():
 
     def loss(**method):
         m = DMD2(MethodConfig(t_min=0.1, t_max=0.8, **method), teacher, fake, teacher, student_times=[1.0])
-        return m.generator_step(x, y, torch.Generator().manual_seed(3))[0].item()
+        return m.generator_loss(x, y, torch.Generator().manual_seed(3))[0].item()
 
     assert loss(guidance_scale=3.0, guidance_interval=[0.9, 1.0]) == loss(guidance_scale=1.0)
     assert loss(guidance_scale=3.0, guidance_interval=[0.0, 1.0]) == loss(guidance_scale=3.0)

@@ -10,7 +10,7 @@ from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
 from dmd_dar.cli import main
 from dmd_dar.config import build_config
 from dmd_dar.distill.config import DistillConfig
-from dmd_dar.distill.method import DMD2
+from dmd_dar.distill.method import DMD2, MicroBatch
 from dmd_dar.distill.trainer import build_task
 from dmd_dar.models import build_model, preset_config
 from dmd_dar.routing import RoutingConfig, routing_parameters
@@ -47,7 +47,6 @@ def test_each_phase_updates_only_its_networks(tiny_teacher):
     task = build_task(cfg, "cpu")
     from dmd_dar.distill.denoiser import Denoiser
     from dmd_dar.distill.gan import GANHead
-    from dmd_dar.distill.method import frozen
 
     student = task.build_network(cfg.networks.student_routing, False)
     fake = task.build_network(RoutingConfig(kind="dar", query="dynamic"), False)
@@ -56,9 +55,8 @@ def test_each_phase_updates_only_its_networks(tiny_teacher):
     method = DMD2(cfg.method, Denoiser(student, path, null), Denoiser(fake, path, null), task.teacher,
                   task.student_times, gan_head=head)
     gen = torch.Generator().manual_seed(0)
-    batch = task.draw(4, gen, "cpu", need_real=True)
-    x = method.generate(batch.noise, torch.ones(4), batch.cond)
-    loss, _, _ = method.generator_step(x, batch.cond, gen)
+    micro = MicroBatch(task.draw(4, gen, "cpu", need_real=True), gen, torch.Generator().manual_seed(1))
+    loss, _ = method.generator_step(micro)
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert any(p.grad.abs().sum() > 0 for p in routing_parameters(student))
@@ -66,8 +64,8 @@ def test_each_phase_updates_only_its_networks(tiny_teacher):
     assert all(p.grad is None for p in head.parameters()), "the generator step must not train the GAN head"
     assert all(p.grad is None for p in task.net.parameters()), "the teacher never gets a gradient"
     student.zero_grad(set_to_none=True)
-    with frozen(student):
-        c_loss, _ = method.critic_step(x.detach(), batch.cond, gen, batch.real, batch.real_cond)
+    assert micro.sample is not None and not micro.sample.requires_grad  # the generator step's sample, for the critic
+    c_loss, _ = method.critic_step(micro)
     c_loss.backward()
     assert all(p.grad is None for p in student.parameters()), "the critic step must not train the generator"
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake.parameters())
@@ -96,7 +94,7 @@ def test_generator_gradient_with_gan_equals_the_direct_gradient(tiny_teacher):
                   task.student_times, gan_head=head)
     x = torch.randn(4, 3, 16, 16, requires_grad=True)
     cond = torch.tensor([0, 3, 5, 7])
-    loss, logs, _ = method.generator_step(x, cond, torch.Generator().manual_seed(5))
+    loss, logs, _ = method.generator_loss(x, cond, torch.Generator().manual_seed(5))
     (got,) = torch.autograd.grad(loss, x)
 
     gen = torch.Generator().manual_seed(5)  # the same draws, in the same order, summed directly
@@ -202,5 +200,3 @@ def test_regression_pairs_are_cached_and_shared(tiny_teacher, tmp_path):
     assert main(["distill", *_overrides(tiny_teacher, tmp_path / "b", 2, *extra)]) == 0
     assert pairs.stat().st_mtime_ns == stamp  # the second run reused the first run's teacher ODE pairs
     assert "gen/regression_loss" in _read_logs(tmp_path / "b")[1]
-
-
