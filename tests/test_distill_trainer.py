@@ -14,6 +14,7 @@ from dmd_dar.distill.method import DMD2, MicroBatch
 from dmd_dar.distill.trainer import build_task
 from dmd_dar.models import build_model, preset_config
 from dmd_dar.routing import RoutingConfig, routing_parameters
+from dmd_dar.utils.io import load_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,6 +123,8 @@ def test_student_starts_equal_to_teacher(tiny_teacher):
 
 
 def test_resume_continues_exactly(tiny_teacher, tmp_path):
+    """Stopped at step 2 and resumed to 4, a run logs the same losses as an uninterrupted 4-step run, and ends with
+    bitwise the same networks, EMA and export (what users sample from)."""
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(["distill", *_overrides(tiny_teacher, full, 4)]) == 0
     assert main(["distill", *_overrides(tiny_teacher, split, 2)]) == 0
@@ -132,6 +135,20 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
             if key in b[step]:
                 assert a[step][key] == b[step][key], (step, key)
     assert "critic/fake_loss" in b[4]
+    last = Path("checkpoints") / "step_0000004"
+    for name in ("generator_ema", "generator", "fake_score"):
+        want, got = (load_safetensors(run / last / f"{name}.safetensors") for run in (full, split))
+        assert want.keys() == got.keys() and want
+        for k in want:
+            assert torch.equal(want[k], got[k]), (name, k)
+    want, got = (load_safetensors(run / "export" / "model.safetensors") for run in (full, split))
+    assert want.keys() == got.keys() and want
+    for k in want:
+        assert torch.equal(want[k], got[k]), ("export", k)
+    states = [json.loads((run / last / "state.json").read_text()) for run in (full, split)]
+    assert states[0]["ema_updates"] == states[1]["ema_updates"] == 2  # generator updates at steps 0 and 2 (ttur=2)
+    initial = load_safetensors(split / "checkpoints" / "step_0000002" / "generator_ema.safetensors")
+    assert any(not torch.equal(initial[k], got[k]) for k in got), "the resumed run's EMA must have moved on"
 
 
 def test_resume_with_changed_config_names_the_keys(tiny_teacher, tmp_path, capsys):
@@ -200,3 +217,44 @@ def test_regression_pairs_are_cached_and_shared(tiny_teacher, tmp_path):
     assert main(["distill", *_overrides(tiny_teacher, tmp_path / "b", 2, *extra)]) == 0
     assert pairs.stat().st_mtime_ns == stamp  # the second run reused the first run's teacher ODE pairs
     assert "gen/regression_loss" in _read_logs(tmp_path / "b")[1]
+
+
+
+
+@pytest.mark.parametrize("method, student_times, needs_real", [
+    ({}, [1.0], False),  # one step from pure noise
+    ({"gan_weight": 0.1}, [1.0], True),  # the discriminator sees real images
+    ({"backward_simulation": False}, [1.0, 0.5], True),  # few-step inputs: real images noised to t_k
+    ({}, [1.0, 0.5], False),  # backward simulation: the student's own outputs
+])
+def test_the_method_says_whether_it_needs_real_images(method, student_times, needs_real):
+    from dmd_dar.diffusion.paths import make_path
+    from dmd_dar.distill.config import MethodConfig
+    from dmd_dar.distill.denoiser import Denoiser
+    from dmd_dar.distill.gan import GANHead
+
+    score = Denoiser(torch.nn.Identity(), make_path("flow", "velocity"))
+    dmd = DMD2(MethodConfig(**method), score, score, score, student_times, gan_head=GANHead(4))
+    assert dmd.needs_real is needs_real
+
+
+@pytest.mark.parametrize("extra, forced, drawn_real", [
+    ((), False, False),
+    (("method.gan_weight=0.1",), False, True),
+    ((), True, True),  # the trainer asks the method, whatever the flags say
+])
+def test_the_trainer_draws_real_images_when_the_method_needs_them(tiny_teacher, tmp_path, monkeypatch, extra,
+                                                                   forced, drawn_real):
+    from dmd_dar.distill.task import NativeTask
+
+    asked, draw = [], NativeTask.draw
+
+    def recording_draw(self, batch_size, gen, device, need_real):
+        asked.append(need_real)
+        return draw(self, batch_size, gen, device, need_real)
+
+    monkeypatch.setattr(NativeTask, "draw", recording_draw)
+    if forced:
+        monkeypatch.setattr(DMD2, "needs_real", property(lambda self: True))
+    assert main(["distill", *_overrides(tiny_teacher, tmp_path / "run", 2, *extra)]) == 0
+    assert asked == [drawn_real] * 2  # one draw per step (one micro-batch)
