@@ -133,8 +133,9 @@ def test_teacher_without_parameterisation_is_rejected():
 
 
 class _ExactPrediction(torch.nn.Module):
-    """The exact score network of data that is one known ``x0``: its x0-predictor is the constant ``x0``, so the
-    velocity / eps it predicts follows from (x_t, t) in closed form (``path.x0_to_pred``); ``offset`` perturbs it."""
+    """The exact score network of data that is one known ``x0``: its x0-predictor is the constant ``x0``, so
+    the velocity / eps it predicts follows from (x_t, t) in closed form (``path.x0_to_pred``); ``offset``
+    perturbs it."""
 
     def __init__(self, path, x0: torch.Tensor, offset: float = 0.0) -> None:
         super().__init__()
@@ -146,9 +147,9 @@ class _ExactPrediction(torch.nn.Module):
 
 @pytest.mark.parametrize("kind, prediction", [("flow", "velocity"), ("vp", "eps")])
 def test_fake_score_loss_vanishes_for_the_exact_score_of_a_known_x0(kind, prediction):
-    """The critic's denoising loss regresses the teacher parameterisation's target (velocity, eps), not x0: for a
-    generator whose samples all equal one x0 and a fake score predicting exactly that x0's velocity / eps, it is 0 up
-    to round-off; a fake score off by a constant c costs exactly c^2."""
+    """The critic's denoising loss regresses the teacher parameterisation's target (velocity, eps), not x0:
+    for a generator whose samples all equal one x0 and a fake score predicting exactly that x0's velocity /
+    eps, it is 0 up to round-off; a fake score off by a constant c costs exactly c^2."""
     from dmd_dar.distill.config import MethodConfig
     from dmd_dar.distill.method import DMD2, MicroBatch
     from dmd_dar.distill.task import Batch
@@ -156,13 +157,14 @@ def test_fake_score_loss_vanishes_for_the_exact_score_of_a_known_x0(kind, predic
     path = make_path(kind, prediction, dtype=torch.float64)
     x0 = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     exact = Denoiser(_ExactPrediction(path, x0), path)
-    cfg = MethodConfig(fake_t_min=0.01)  # flow: the velocity of an x0 is ill-posed at t -> 0 (sigma is clamped)
+    cfg = MethodConfig(fake_t_min=0.01)  # flow: an x0's velocity is ill-posed at t -> 0 (sigma is clamped)
     method = DMD2(cfg, exact, exact, exact, student_times=[1.0])
     noise = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     micro = MicroBatch(Batch(noise, None), torch.Generator().manual_seed(2), torch.Generator().manual_seed(3))
     loss, logs = method.critic_step(micro)  # no generator step before it: the step draws the student's sample
     torch.testing.assert_close(micro.sample, x0.expand(8, -1, -1, -1), atol=1e-12, rtol=0)
     assert loss.item() < 1e-10 and logs["critic/fake_loss"] == loss.item()
-    off = DMD2(cfg, exact, Denoiser(_ExactPrediction(path, x0, offset=1e-3), path), exact, student_times=[1.0])
+    shifted = Denoiser(_ExactPrediction(path, x0, offset=1e-3), path)
+    off = DMD2(cfg, exact, shifted, exact, student_times=[1.0])
     loss_off, _ = off.critic_loss(micro.sample, None, torch.Generator().manual_seed(2))
     assert loss_off.item() == pytest.approx(1e-6, rel=1e-3)

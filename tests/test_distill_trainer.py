@@ -65,7 +65,7 @@ def test_each_phase_updates_only_its_networks(tiny_teacher):
     assert all(p.grad is None for p in head.parameters()), "the generator step must not train the GAN head"
     assert all(p.grad is None for p in task.net.parameters()), "the teacher never gets a gradient"
     student.zero_grad(set_to_none=True)
-    assert micro.sample is not None and not micro.sample.requires_grad  # the generator step's sample, for the critic
+    assert micro.sample is not None and not micro.sample.requires_grad  # kept for this iteration's critic
     c_loss, _ = method.critic_step(micro)
     c_loss.backward()
     assert all(p.grad is None for p in student.parameters()), "the critic step must not train the generator"
@@ -123,8 +123,8 @@ def test_student_starts_equal_to_teacher(tiny_teacher):
 
 
 def test_resume_continues_exactly(tiny_teacher, tmp_path):
-    """Stopped at step 2 and resumed to 4, a run logs the same losses as an uninterrupted 4-step run, and ends with
-    bitwise the same networks, EMA and export (what users sample from)."""
+    """Stopped at step 2 and resumed to 4, a run logs the same losses as an uninterrupted 4-step run, and ends
+    with bitwise the same networks, EMA and export (what users sample from)."""
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(["distill", *_overrides(tiny_teacher, full, 4)]) == 0
     assert main(["distill", *_overrides(tiny_teacher, split, 2)]) == 0
@@ -146,7 +146,7 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
     for k in want:
         assert torch.equal(want[k], got[k]), ("export", k)
     states = [json.loads((run / last / "state.json").read_text()) for run in (full, split)]
-    assert states[0]["ema_updates"] == states[1]["ema_updates"] == 2  # generator updates at steps 0 and 2 (ttur=2)
+    assert states[0]["ema_updates"] == states[1]["ema_updates"] == 2  # generator updates: steps 0, 2 (ttur=2)
     initial = load_safetensors(split / "checkpoints" / "step_0000002" / "generator_ema.safetensors")
     assert any(not torch.equal(initial[k], got[k]) for k in got), "the resumed run's EMA must have moved on"
 

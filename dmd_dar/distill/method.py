@@ -1,9 +1,9 @@
 """DMD2 (Yin et al. 2024): one generator step and one critic step, each returning ``(loss, logs)``.
 
 The method owns no optimizer and knows nothing about devices or processes; the trainer calls
-``generator_step`` every ``ttur``-th iteration and ``critic_step`` every iteration, as the official code does, on
-the iteration's ``MicroBatch``es. Each step builds its own inputs; ``generator_loss`` / ``critic_loss`` are the
-losses for given samples underneath them.
+``generator_step`` every ``ttur``-th iteration and ``critic_step`` every iteration, as the official code does,
+on the iteration's ``MicroBatch``es. Each step builds its own inputs; ``generator_loss`` / ``critic_loss`` are
+the losses for given samples underneath them.
 
     generator:  x = G(x_{t_k}, t_k, c)                    (t_0 = 1: pure noise; few-step: backward simulation)
                 t ~ U[t_min, t_max] (teacher shift), x_t = noise(x, eps, t)
@@ -64,7 +64,7 @@ class MicroBatch:
     batch:  the task's draw (noise, conditions; real images when ``DMD2.needs_real``).
     gen:    this micro-batch's own random stream (timesteps and noise of both losses).
     shared: the stream every process draws alike (the few-step index k).
-    sample: the generator's sample (detached), set by this iteration's generator step; its critic step trains on it.
+    sample: the generator's sample (detached), set by this iteration's generator step, for the critic step.
     debug:  the generator step's tensors for the debug grid (generator output, real / fake x0 at one x_t, t).
     """
 
@@ -109,8 +109,8 @@ class DMD2:
 
     @property
     def needs_real(self) -> bool:
-        """Whether the batches must carry real images: the GAN's discriminator sees them, and a few-step student
-        without backward simulation starts from real images noised to its input time."""
+        """Whether the batches must carry real images: the GAN's discriminator sees them, and a few-step
+        student without backward simulation starts from real images noised to its input time."""
         return self.cfg.gan_weight > 0 or (len(self.student_times) > 1 and not self.cfg.backward_simulation)
 
     # -- timesteps ---------------------------------------------------------------------------------------------
@@ -153,9 +153,10 @@ class DMD2:
 
     def generator_step(self, micro: MicroBatch, with_diagnostics: bool = False
                        ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The generator phase on one micro-batch: its input (``generator_input``), the student's sample with graph
-        (``generate``) and its loss (``generator_loss``). Leaves the detached sample in ``micro.sample`` for this
-        iteration's critic step and the debug-grid tensors in ``micro.debug``. Returns (loss, logs)."""
+        """The generator phase on one micro-batch: its input (``generator_input``), the student's sample with
+        graph (``generate``) and its loss (``generator_loss``). Leaves the detached sample in ``micro.sample``
+        for this iteration's critic step and the debug-grid tensors in ``micro.debug``.
+        Returns (loss, logs)."""
         b = micro.batch
         x_in, t_in = self.generator_input(b.noise, b.cond, micro.gen, micro.shared, b.real)
         x = self.generate(x_in, t_in, b.cond)
@@ -233,9 +234,10 @@ class DMD2:
 
     # -- the critic --------------------------------------------------------------------------------------------
     def critic_step(self, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The critic phase on one micro-batch: ``critic_loss`` on the sample of this iteration's generator step, or,
-        in an iteration without one (``ttur`` > 1), on the current student's sample drawn here without graph. The
-        generator's parameters are frozen meanwhile: this phase trains only the fake score and the GAN head."""
+        """The critic phase on one micro-batch: ``critic_loss`` on the sample of this iteration's generator
+        step, or, in an iteration without one (``ttur`` > 1), on the current student's sample drawn here
+        without graph. The generator's parameters are frozen meanwhile: this phase trains only the fake score
+        and the GAN head."""
         b = micro.batch
         if micro.sample is None:
             with torch.no_grad():

@@ -2,7 +2,8 @@
 
 Each iteration: a generator update every ``method.ttur``-th iteration, a fake-score (critic) update every
 iteration; each update accumulates ``run.grad_accum`` micro-batches of ``run.batch_size`` (``accumulated_update``).
-Everything random in iteration s derives from (seed, s, micro-batch, rank), so resume is exact.
+Everything random in iteration s derives from (seed, s, micro-batch, rank), so resume is exact. What a
+checkpoint holds is ``state.TrainingState``; what differs between DDP and FSDP, ``training.strategy``.
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ def accumulated_update(accelerator, models: list, optimizer, params: list, grad_
     return stepped, norm, {k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys}
 
 
-def _micro_batches(cfg: DistillConfig, task: DistillTask, step: int, rank: int, device, need_real: bool
+def _micro_batches(cfg: DistillConfig, task: DistillTask, step: int, accelerator, need_real: bool
                    ) -> list[MicroBatch]:
-    """The micro-batches of iteration ``step``, each with its own random stream and the stream shared by all processes.
+    """The micro-batches of iteration ``step``, each with its own random stream and one shared by all ranks.
 
     Micro-batch 0 draws exactly what an iteration without accumulation draws; micro-batch m > 0 has its own seeds.
     """
-    out = []
+    out, rank = [], accelerator.process_index
     for m in range(cfg.run.grad_accum):
         if m == 0:
             gen = seed_step(cfg.run.seed, step, rank)
@@ -110,7 +111,7 @@ def _micro_batches(cfg: DistillConfig, task: DistillTask, step: int, rank: int, 
         else:
             gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "train", step, rank, "micro", m))
             shared = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shared", step, "micro", m))
-        out.append(MicroBatch(task.draw(cfg.run.batch_size, gen, device, need_real), gen, shared))
+        out.append(MicroBatch(task.draw(cfg.run.batch_size, gen, accelerator.device, need_real), gen, shared))
     return out
 
 
@@ -135,17 +136,19 @@ def _phase_update(accelerator, phase: str, log_prefix: str, models: list, optimi
 def _build_method(cfg: DistillConfig, task: DistillTask, state: TrainingState, run_dir: Path) -> DMD2:
     """The DMD2 objective over the prepared networks (and the regression pairs / LPIPS it may need)."""
     path, null = task.teacher.path, task.teacher.null_cond
-    regression = (task.regression_pairs(Path(cfg.method.regression_cache or run_dir), cfg.method.regression_pairs,
-                                        cfg.method.regression_steps)
-                  if cfg.method.regression_weight > 0 else None)
-    return DMD2(cfg.method, Denoiser(state.student, path, null), Denoiser(state.fake, path, null), task.teacher,
-                task.student_times, shift=task.shift, gan_head=state.gan_head, regression=regression,
-                lpips_fn=_lpips_fn(cfg))
+    m = cfg.method
+    regression = None
+    if m.regression_weight > 0:
+        regression = task.regression_pairs(Path(m.regression_cache or run_dir), m.regression_pairs,
+                                           m.regression_steps)
+    return DMD2(m, Denoiser(state.student, path, null), Denoiser(state.fake, path, null),
+                task.teacher, task.student_times, shift=task.shift, gan_head=state.gan_head,
+                regression=regression, lpips_fn=_lpips_fn(cfg))
 
 
 def run(cfg: DistillConfig) -> Path:
-    """Distil ``cfg.networks.teacher`` into a student; resumes from the run folder's latest checkpoint. Returns the
-    export folder."""
+    """Distil ``cfg.networks.teacher`` into a student; resumes from the run folder's latest checkpoint.
+    Returns the export folder."""
     run_dir = Path(cfg.run.out_dir)
     ckpt = Checkpointer(run_dir, keep=cfg.run.keep_checkpoints)
     resume_from = ckpt.latest() if cfg.run.resume else None
@@ -172,17 +175,15 @@ def run(cfg: DistillConfig) -> Path:
     reference = task.reference(run_dir) if main_process else None
     if main_process:
         accelerator.init_trackers("distill")
-
-    def sampling_net():
-        return strategy.sampling_net(state.student, state.ema,
-                                     lambda: task.build_network(cfg.networks.student_routing, False))
+    # A plain student to gather sharded (FSDP) weights into for grids and export.
+    fresh_student = functools.partial(task.build_network, cfg.networks.student_routing, False)
 
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="distill",
                disable=not (cfg.run.progress and main_process))
     last_logs: dict[str, float] = {}
     critic_params = [p for grp in state.f_opt.param_groups for p in grp["params"]]
     for step in bar:
-        micro = _micro_batches(cfg, task, step, accelerator.process_index, accelerator.device, method.needs_real)
+        micro = _micro_batches(cfg, task, step, accelerator, method.needs_real)
         logs: dict[str, float] = {}
         do_log = (step + 1) % cfg.run.log_every == 0
         if step % cfg.method.ttur == 0:
@@ -195,35 +196,33 @@ def run(cfg: DistillConfig) -> Path:
             if stepped:
                 state.update_ema()
             if reference is not None:
-                logs.update(output_drift(torch.cat([mb.sample for mb in micro]), reference["mean"], reference["std"]))
+                samples = torch.cat([mb.sample for mb in micro])
+                logs.update(output_drift(samples, reference["mean"], reference["std"]))
             if cfg.debug_grid_every and main_process and step % cfg.debug_grid_every == 0:
                 _debug_grid(task, micro[0].debug, run_dir / "debug" / f"step_{step:07d}.png")
         state.fake.train()
-        logs.update(_phase_update(accelerator, "critic", "critic", state.critic_networks, state.f_opt, state.f_sched,
-                                  critic_params, cfg.fake_optim.grad_clip, state.guard, method.critic_step,
-                                  micro)[1])
+        logs.update(_phase_update(accelerator, "critic", "critic", state.critic_networks, state.f_opt,
+                                  state.f_sched, critic_params, cfg.fake_optim.grad_clip, state.guard,
+                                  method.critic_step, micro)[1])
         last_logs.update(logs)
         state.step = done = step + 1
         if do_log:
             last_logs["health/bad_steps_total"] = float(state.guard.total)
             _log(accelerator, bar, run_dir, done, last_logs)
         if cfg.run.sample_every and done % cfg.run.sample_every == 0:
-            net = sampling_net()
+            net = state.sampling_net(fresh_student)
             if main_process:
                 _sample_grid(task, net, run_dir / "samples" / f"step_{done:07d}.png")
         if cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0:
             strategy.save(ckpt, state.state_dict())
     accelerator.wait_for_everyone()
     identical = strategy.replicas_identical(state.student)
-    net = sampling_net()
+    net = state.sampling_net(fresh_student)
     if cfg.run.steps > start and (not cfg.run.ckpt_every or cfg.run.steps % cfg.run.ckpt_every):
         strategy.save(ckpt, state.state_dict())
     export = run_dir / "export"
     if main_process:
-        _export(accelerator, task, net, export, {
-            "steps": cfg.run.steps, "bad_steps_total": state.guard.total, "student_timesteps": task.student_times,
-            "num_processes": accelerator.num_processes, "sharded": strategy.sharded, "replicas_identical": identical,
-            "teacher": state.teacher})
+        _export(accelerator, cfg, task, state, net, identical, export)
     accelerator.end_training()
     return export
 
@@ -237,12 +236,16 @@ def _log(accelerator, bar, run_dir: Path, done: int, logs: dict[str, float]) -> 
             fh.write(json.dumps({"step": done, **logs}) + "\n")
 
 
-def _export(accelerator, task: DistillTask, net, export: Path, summary: dict) -> None:
-    """The exported student, its sample grid, and the run's ``summary.json`` next to the export (main process)."""
+def _export(accelerator, cfg: DistillConfig, task: DistillTask, state: TrainingState, net,
+            identical: bool | None, export: Path) -> None:
+    """The exported student, its sample grid and the run's ``summary.json`` beside it (main process)."""
     task.export(net, export)
     _sample_grid(task, net, export / "samples_grid.png")
+    summary = {"steps": cfg.run.steps, "bad_steps_total": state.guard.total,
+               "student_timesteps": task.student_times, "num_processes": accelerator.num_processes,
+               "sharded": state.strategy.sharded, "replicas_identical": identical, "teacher": state.teacher}
     (export.parent / "summary.json").write_text(json.dumps(summary, indent=2))
-    if summary["replicas_identical"] is False:
+    if identical is False:
         accelerator.print("warning: the generator replicas differ across processes (see summary.json)")
     accelerator.print(f"student exported to {export}")
 

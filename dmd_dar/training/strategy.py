@@ -1,10 +1,10 @@
-"""How a run's networks are spread over its processes, behind one interface: replicated (DDP, or one process) or
-sharded (FSDP; see ``sharding.py`` for what that changes).
+"""How a run's networks are spread over its processes, behind one interface: replicated (DDP, or one
+process) or sharded (FSDP; see ``sharding.py`` for what that changes).
 
-A training loop asks its strategy, never the accelerator's distributed type, for the things that differ: which EMA
+A training loop asks its strategy, never the accelerator's distributed type, for what differs: which EMA
 averages the generator and when it is made, which module the EMA reads, where optimizer and EMA state go in a
-checkpoint (once, by the main process, or each process its own piece) and how a resume gets them back, how the
-full weights are gathered for sampling and export, and whether replicas can be compared.
+checkpoint (once, by the main process, or each process its own piece) and how a resume gets them back, how
+the full weights are gathered for sampling and export, and whether replicas can be compared.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ class Strategy:
     """
 
     sharded: bool = False
-    per_process_state: bool = False  # optimizer and EMA state: each process's own pieces, checkpointed per process
+    # Optimizer and EMA state are each process's own pieces, checkpointed per process.
+    per_process_state: bool = False
 
     def __init__(self, accelerator) -> None:
         self.accelerator = accelerator
 
-    # -- the EMA -------------------------------------------------------------------------------------------------
+    # -- the EMA ---------------------------------------------------------------------------------------------
     def ema_before_prepare(self, model: nn.Module, decay: float) -> EMA | None:
         """The EMA made from the unwrapped network (so a resume can load it before ``prepare``), or None."""
         raise NotImplementedError
@@ -50,9 +51,9 @@ class Strategy:
         """The module whose parameters the EMA averages, for a prepared ``model``."""
         raise NotImplementedError
 
-    # -- weights ---------------------------------------------------------------------------------------------------
+    # -- weights ---------------------------------------------------------------------------------------------
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The full weights of a prepared ``model``. Every process calls it (under FSDP it is a collective)."""
+        """The full weights of a prepared ``model``. Every process calls it (under FSDP: a collective)."""
         return self.accelerator.get_state_dict(model)
 
     def sampling_net(self, model: nn.Module, ema, build: Callable[[], nn.Module]) -> nn.Module | None:
@@ -65,11 +66,11 @@ class Strategy:
         """Whether every process holds bit-identical weights of ``model`` (None: there are no replicas)."""
         raise NotImplementedError
 
-    # -- checkpoints -----------------------------------------------------------------------------------------------
+    # -- checkpoints -----------------------------------------------------------------------------------------
     def save(self, ckpt: Checkpointer, state: dict[str, Any]) -> None:
-        """Write a checkpoint state dict (see the class docstring) as the checkpoint of its ``state["step"]``. Every
-        process calls it: each stages its own pieces first, then the main process writes the rest and moves the
-        pieces in."""
+        """Write a checkpoint state dict (see the class docstring) as the checkpoint of its
+        ``state["step"]``. Every process calls it: each stages its own pieces first, then the main process
+        writes the rest and moves the pieces in."""
         accelerator, step = self.accelerator, state["state"]["step"]
         if state["process"] is not None:
             ckpt.stage_process_state(step, accelerator.process_index, state["process"])
@@ -82,9 +83,10 @@ class Strategy:
         """The state dict of checkpoint ``path`` as ``save`` wrote it, with this process's own pieces."""
         networks, optimizers, state = load_checkpoint(path)
         if state.get("sharded", False) != self.sharded:
-            raise UserError(f"{path} was written by {'an FSDP' if state.get('sharded') else 'a non-FSDP'} run "
-                            f"and this run is {'FSDP' if self.sharded else 'not FSDP'}: resume with the launch that "
-                            f"wrote it (or start a new run from its export)")
+            written = "an FSDP" if state.get("sharded") else "a non-FSDP"
+            raise UserError(f"{path} was written by {written} run and this run is "
+                            f"{'FSDP' if self.sharded else 'not FSDP'}: resume with the launch that wrote it "
+                            f"(or start a new run from its export)")
         process = None
         if self.per_process_state:
             accelerator = self.accelerator
@@ -111,8 +113,8 @@ class Replicated(Strategy):
 
     @torch.no_grad()
     def replicas_identical(self, model):
-        """DDP keeps the replicas bit-identical; a difference means a bug. Compared through three moments of each
-        parameter (sum, sum of squares, a position-weighted sum), gathered from every process."""
+        """DDP keeps the replicas bit-identical; a difference means a bug. Compared through three moments of
+        each parameter (sum, sum of squares, a position-weighted sum), gathered from every process."""
         accelerator = self.accelerator
         if accelerator.num_processes == 1:
             return True
@@ -127,8 +129,8 @@ class Replicated(Strategy):
 
 
 class Sharded(Strategy):
-    """FSDP: each process holds one shard of every wrapped unit, its optimizer state and EMA for that shard; the
-    full weights exist only when gathered (a collective)."""
+    """FSDP: each process holds one shard of every wrapped unit, its optimizer state and EMA for that shard;
+    the full weights exist only when gathered (a collective)."""
 
     sharded = True
     per_process_state = True
