@@ -135,6 +135,8 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
             if key in b[step]:
                 assert a[step][key] == b[step][key], (step, key)
     assert "critic/fake_loss" in b[4]
+    logged = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4], "the second run must continue at step 3, not start again"
     last = Path("checkpoints") / "step_0000004"
     for name in ("generator_ema", "generator", "fake_score"):
         want, got = (load_safetensors(run / last / f"{name}.safetensors") for run in (full, split))
