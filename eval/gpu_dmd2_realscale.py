@@ -146,13 +146,13 @@ def run_variant(kind: str, args, teacher, cfg: dict, device, dtype) -> dict:
         with autocast:
             x_in, t_in = method.generator_input(noise, cond, gen, shared)
             x = method.generate(x_in, t_in, cond)
-            loss, logs, _ = method.generator_step(x, cond, gen)
+            loss, logs, _ = method.generator_loss(x, cond, gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 10.0)
         g_opt.step()
         g_opt.zero_grad(set_to_none=True)
         with autocast, frozen(student):
-            c_loss, c_logs = method.critic_step(x.detach(), cond, gen)
+            c_loss, c_logs = method.critic_loss(x.detach(), cond, gen)
         c_loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in fake.parameters() if p.requires_grad], 10.0)
         f_opt.step()

@@ -58,7 +58,7 @@ def test_one_step_dmd_matches_mixture_modes_and_means():
     batch = 256
 
     def critic_update(x):
-        loss, _ = method.critic_step(x, None, gen)
+        loss, _ = method.critic_loss(x, None, gen)
         f_opt.zero_grad()
         loss.backward()
         f_opt.step()
@@ -71,7 +71,7 @@ def test_one_step_dmd_matches_mixture_modes_and_means():
     for _ in range(1200):
         z = torch.randn(batch, 2, generator=gen)
         x = method.generate(z, torch.ones(batch), None)
-        loss, _, _ = method.generator_step(x, None, gen)
+        loss, _, _ = method.generator_loss(x, None, gen)
         g_opt.zero_grad()
         loss.backward()
         g_opt.step()

@@ -120,7 +120,7 @@ def test_dmd_real_score_uses_method_guidance_interval():
 
     def loss(**method):
         m = DMD2(MethodConfig(t_min=0.1, t_max=0.8, **method), teacher, fake, teacher, student_times=[1.0])
-        return m.generator_step(x, y, torch.Generator().manual_seed(3))[0].item()
+        return m.generator_loss(x, y, torch.Generator().manual_seed(3))[0].item()
 
     assert loss(guidance_scale=3.0, guidance_interval=[0.9, 1.0]) == loss(guidance_scale=1.0)
     assert loss(guidance_scale=3.0, guidance_interval=[0.0, 1.0]) == loss(guidance_scale=3.0)
@@ -130,3 +130,41 @@ def test_dmd_real_score_uses_method_guidance_interval():
 def test_teacher_without_parameterisation_is_rejected():
     with pytest.raises(UserError, match="no declared parameterisation"):
         Denoiser(_LinearCond(), None)
+
+
+class _ExactPrediction(torch.nn.Module):
+    """The exact score network of data that is one known ``x0``: its x0-predictor is the constant ``x0``, so
+    the velocity / eps it predicts follows from (x_t, t) in closed form (``path.x0_to_pred``); ``offset``
+    perturbs it."""
+
+    def __init__(self, path, x0: torch.Tensor, offset: float = 0.0) -> None:
+        super().__init__()
+        self.path, self.x0, self.offset = path, x0, offset
+
+    def forward(self, x_t, t, cond=None):
+        return self.path.x0_to_pred(self.x0.expand_as(x_t), x_t, t) + self.offset
+
+
+@pytest.mark.parametrize("kind, prediction", [("flow", "velocity"), ("vp", "eps")])
+def test_fake_score_loss_vanishes_for_the_exact_score_of_a_known_x0(kind, prediction):
+    """The critic's denoising loss regresses the teacher parameterisation's target (velocity, eps), not x0:
+    for a generator whose samples all equal one x0 and a fake score predicting exactly that x0's velocity /
+    eps, it is 0 up to round-off; a fake score off by a constant c costs exactly c^2."""
+    from dmd_dar.distill.config import MethodConfig
+    from dmd_dar.distill.method import DMD2, MicroBatch
+    from dmd_dar.distill.task import Batch
+
+    path = make_path(kind, prediction, dtype=torch.float64)
+    x0 = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = Denoiser(_ExactPrediction(path, x0), path)
+    cfg = MethodConfig(fake_t_min=0.01)  # flow: an x0's velocity is ill-posed at t -> 0 (sigma is clamped)
+    method = DMD2(cfg, exact, exact, exact, student_times=[1.0])
+    noise = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    micro = MicroBatch(Batch(noise, None), torch.Generator().manual_seed(2), torch.Generator().manual_seed(3))
+    loss, logs = method.critic_step(micro)  # no generator step before it: the step draws the student's sample
+    torch.testing.assert_close(micro.sample, x0.expand(8, -1, -1, -1), atol=1e-12, rtol=0)
+    assert loss.item() < 1e-10 and logs["critic/fake_loss"] == loss.item()
+    shifted = Denoiser(_ExactPrediction(path, x0, offset=1e-3), path)
+    off = DMD2(cfg, exact, shifted, exact, student_times=[1.0])
+    loss_off, _ = off.critic_loss(micro.sample, None, torch.Generator().manual_seed(2))
+    assert loss_off.item() == pytest.approx(1e-6, rel=1e-3)

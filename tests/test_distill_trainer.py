@@ -11,10 +11,11 @@ from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
 from dmd_dar.cli import main
 from dmd_dar.config import build_config
 from dmd_dar.distill.config import DistillConfig
-from dmd_dar.distill.method import DMD2
+from dmd_dar.distill.method import DMD2, MicroBatch
 from dmd_dar.distill.trainer import build_task
 from dmd_dar.models import build_model, preset_config
 from dmd_dar.routing import RoutingConfig, routing_parameters
+from dmd_dar.utils.io import load_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +49,6 @@ def test_each_phase_updates_only_its_networks(tiny_teacher):
     task = build_task(cfg, "cpu")
     from dmd_dar.distill.denoiser import Denoiser
     from dmd_dar.distill.gan import GANHead
-    from dmd_dar.distill.method import frozen
 
     student = task.build_network(cfg.networks.student_routing, False)
     fake = task.build_network(RoutingConfig(kind="dar", query="dynamic"), False)
@@ -57,9 +57,8 @@ def test_each_phase_updates_only_its_networks(tiny_teacher):
     method = DMD2(cfg.method, Denoiser(student, path, null), Denoiser(fake, path, null), task.teacher,
                   task.student_times, gan_head=head)
     gen = torch.Generator().manual_seed(0)
-    batch = task.draw(4, gen, "cpu", need_real=True)
-    x = method.generate(batch.noise, torch.ones(4), batch.cond)
-    loss, _, _ = method.generator_step(x, batch.cond, gen)
+    micro = MicroBatch(task.draw(4, gen, "cpu", need_real=True), gen, torch.Generator().manual_seed(1))
+    loss, _ = method.generator_step(micro)
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert any(p.grad.abs().sum() > 0 for p in routing_parameters(student))
@@ -67,8 +66,8 @@ def test_each_phase_updates_only_its_networks(tiny_teacher):
     assert all(p.grad is None for p in head.parameters()), "the generator step must not train the GAN head"
     assert all(p.grad is None for p in task.net.parameters()), "the teacher never gets a gradient"
     student.zero_grad(set_to_none=True)
-    with frozen(student):
-        c_loss, _ = method.critic_step(x.detach(), batch.cond, gen, batch.real, batch.real_cond)
+    assert micro.sample is not None and not micro.sample.requires_grad  # kept for this iteration's critic
+    c_loss, _ = method.critic_step(micro)
     c_loss.backward()
     assert all(p.grad is None for p in student.parameters()), "the critic step must not train the generator"
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake.parameters())
@@ -97,7 +96,7 @@ def test_generator_gradient_with_gan_equals_the_direct_gradient(tiny_teacher):
                   task.student_times, gan_head=head)
     x = torch.randn(4, 3, 16, 16, requires_grad=True)
     cond = torch.tensor([0, 3, 5, 7])
-    loss, logs, _ = method.generator_step(x, cond, torch.Generator().manual_seed(5))
+    loss, logs, _ = method.generator_loss(x, cond, torch.Generator().manual_seed(5))
     (got,) = torch.autograd.grad(loss, x)
 
     gen = torch.Generator().manual_seed(5)  # the same draws, in the same order, summed directly
@@ -146,6 +145,8 @@ def test_student_and_fake_score_do_not_drop_labels(tiny_teacher):
 
 
 def test_resume_continues_exactly(tiny_teacher, tmp_path):
+    """Stopped at step 2 and resumed to 4, a run logs the same losses as an uninterrupted 4-step run, and ends
+    with bitwise the same networks, EMA and export (what users sample from)."""
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(["distill", *_overrides(tiny_teacher, full, 4)]) == 0
     assert main(["distill", *_overrides(tiny_teacher, split, 2)]) == 0
@@ -156,6 +157,22 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
             if key in b[step]:
                 assert a[step][key] == b[step][key], (step, key)
     assert "critic/fake_loss" in b[4]
+    logged = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4], "the second run must continue at step 3, not start again"
+    last = Path("checkpoints") / "step_0000004"
+    for name in ("generator_ema", "generator", "fake_score"):
+        want, got = (load_safetensors(run / last / f"{name}.safetensors") for run in (full, split))
+        assert want.keys() == got.keys() and want
+        for k in want:
+            assert torch.equal(want[k], got[k]), (name, k)
+    want, got = (load_safetensors(run / "export" / "model.safetensors") for run in (full, split))
+    assert want.keys() == got.keys() and want
+    for k in want:
+        assert torch.equal(want[k], got[k]), ("export", k)
+    states = [json.loads((run / last / "state.json").read_text()) for run in (full, split)]
+    assert states[0]["ema_updates"] == states[1]["ema_updates"] == 2  # generator updates: steps 0, 2 (ttur=2)
+    initial = load_safetensors(split / "checkpoints" / "step_0000002" / "generator_ema.safetensors")
+    assert any(not torch.equal(initial[k], got[k]) for k in got), "the resumed run's EMA must have moved on"
 
 
 def test_resume_with_changed_config_names_the_keys(tiny_teacher, tmp_path, capsys):
@@ -226,3 +243,42 @@ def test_regression_pairs_are_cached_and_shared(tiny_teacher, tmp_path):
     assert "gen/regression_loss" in _read_logs(tmp_path / "b")[1]
 
 
+
+
+@pytest.mark.parametrize("method, student_times, needs_real", [
+    ({}, [1.0], False),  # one step from pure noise
+    ({"gan_weight": 0.1}, [1.0], True),  # the discriminator sees real images
+    ({"backward_simulation": False}, [1.0, 0.5], True),  # few-step inputs: real images noised to t_k
+    ({}, [1.0, 0.5], False),  # backward simulation: the student's own outputs
+])
+def test_the_method_says_whether_it_needs_real_images(method, student_times, needs_real):
+    from dmd_dar.diffusion.paths import make_path
+    from dmd_dar.distill.config import MethodConfig
+    from dmd_dar.distill.denoiser import Denoiser
+    from dmd_dar.distill.gan import GANHead
+
+    score = Denoiser(torch.nn.Identity(), make_path("flow", "velocity"))
+    dmd = DMD2(MethodConfig(**method), score, score, score, student_times, gan_head=GANHead(4))
+    assert dmd.needs_real is needs_real
+
+
+@pytest.mark.parametrize("extra, forced, drawn_real", [
+    ((), False, False),
+    (("method.gan_weight=0.1",), False, True),
+    ((), True, True),  # the trainer asks the method, whatever the flags say
+])
+def test_the_trainer_draws_real_images_when_the_method_needs_them(tiny_teacher, tmp_path, monkeypatch, extra,
+                                                                   forced, drawn_real):
+    from dmd_dar.distill.task import NativeTask
+
+    asked, draw = [], NativeTask.draw
+
+    def recording_draw(self, batch_size, gen, device, need_real):
+        asked.append(need_real)
+        return draw(self, batch_size, gen, device, need_real)
+
+    monkeypatch.setattr(NativeTask, "draw", recording_draw)
+    if forced:
+        monkeypatch.setattr(DMD2, "needs_real", property(lambda self: True))
+    assert main(["distill", *_overrides(tiny_teacher, tmp_path / "run", 2, *extra)]) == 0
+    assert asked == [drawn_real] * 2  # one draw per step (one micro-batch)

@@ -1,7 +1,9 @@
 """DMD2 (Yin et al. 2024): one generator step and one critic step, each returning ``(loss, logs)``.
 
 The method owns no optimizer and knows nothing about devices or processes; the trainer calls
-``generator_step`` every ``ttur``-th iteration and ``critic_step`` every iteration, as the official code does.
+``generator_step`` every ``ttur``-th iteration and ``critic_step`` every iteration, as the official code does,
+on the iteration's ``MicroBatch``es. Each step builds its own inputs; ``generator_loss`` / ``critic_loss`` are
+the losses for given samples underneath them.
 
     generator:  x = G(x_{t_k}, t_k, c)                    (t_0 = 1: pure noise; few-step: backward simulation)
                 t ~ U[t_min, t_max] (teacher shift), x_t = noise(x, eps, t)
@@ -13,7 +15,7 @@ The method owns no optimizer and knows nothing about devices or processes; the t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ from dmd_dar.distill.losses import (
     gan_generator_loss,
     regression_loss,
 )
+from dmd_dar.distill.task import Batch
 from dmd_dar.training.sharding import forward_module, is_sharded
 
 
@@ -52,6 +55,24 @@ def frozen(*modules: nn.Module | None):
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of one training iteration, as both phases see it.
+
+    batch:  the task's draw (noise, conditions; real images when ``DMD2.needs_real``).
+    gen:    this micro-batch's own random stream (timesteps and noise of both losses).
+    shared: the stream every process draws alike (the few-step index k).
+    sample: the generator's sample (detached), set by this iteration's generator step, for the critic step.
+    debug:  the generator step's tensors for the debug grid (generator output, real / fake x0 at one x_t, t).
+    """
+
+    batch: Batch
+    gen: torch.Generator
+    shared: torch.Generator
+    sample: torch.Tensor | None = None
+    debug: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,6 +106,12 @@ class DMD2:
         self.gan_head = gan_head
         self.regression = regression
         self.lpips_fn = lpips_fn
+
+    @property
+    def needs_real(self) -> bool:
+        """Whether the batches must carry real images: the GAN's discriminator sees them, and a few-step
+        student without backward simulation starts from real images noised to its input time."""
+        return self.cfg.gan_weight > 0 or (len(self.student_times) > 1 and not self.cfg.backward_simulation)
 
     # -- timesteps ---------------------------------------------------------------------------------------------
     def dm_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -124,7 +151,20 @@ class DMD2:
         """The student's sample (x0 prediction) at (x_t, t); differentiable."""
         return self.generator.x0(x_t, t, cond).to(x_t.dtype)
 
-    def generator_step(self, x: torch.Tensor, cond, gen: torch.Generator,
+    def generator_step(self, micro: MicroBatch, with_diagnostics: bool = False
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generator phase on one micro-batch: its input (``generator_input``), the student's sample with
+        graph (``generate``) and its loss (``generator_loss``). Leaves the detached sample in ``micro.sample``
+        for this iteration's critic step and the debug-grid tensors in ``micro.debug``.
+        Returns (loss, logs)."""
+        b = micro.batch
+        x_in, t_in = self.generator_input(b.noise, b.cond, micro.gen, micro.shared, b.real)
+        x = self.generate(x_in, t_in, b.cond)
+        loss, logs, micro.debug = self.generator_loss(x, b.cond, micro.gen, with_diagnostics)
+        micro.sample = x.detach()
+        return loss, logs
+
+    def generator_loss(self, x: torch.Tensor, cond, gen: torch.Generator,
                        with_diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
         """Generator loss for samples ``x`` (with graph). Returns (loss, logs, debug tensors for image grids)."""
         cfg = self.cfg
@@ -193,7 +233,22 @@ class DMD2:
         return regression_loss(x, pairs.target[idx].to(device), self.cfg.regression_loss, self.lpips_fn)
 
     # -- the critic --------------------------------------------------------------------------------------------
-    def critic_step(self, x: torch.Tensor, cond, gen: torch.Generator,
+    def critic_step(self, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The critic phase on one micro-batch: ``critic_loss`` on the sample of this iteration's generator
+        step, or, in an iteration without one (``ttur`` > 1), on the current student's sample drawn here
+        without graph. The generator's parameters are frozen meanwhile: this phase trains only the fake score
+        and the GAN head."""
+        b = micro.batch
+        if micro.sample is None:
+            with torch.no_grad():
+                x_in, t_in = self.generator_input(b.noise, b.cond, micro.gen, micro.shared, b.real)
+                # Outside gradient synchronisation: the bare module under DDP, the FSDP wrapper itself.
+                student = replace(self.generator, net=forward_module(self.generator.net))
+                micro.sample = student.x0(x_in, t_in, b.cond).to(b.noise.dtype)
+        with frozen(forward_module(self.generator.net)):
+            return self.critic_loss(micro.sample, b.cond, micro.gen, b.real, b.real_cond)
+
+    def critic_loss(self, x: torch.Tensor, cond, gen: torch.Generator,
                     real: torch.Tensor | None = None, real_cond=None) -> tuple[torch.Tensor, dict[str, float]]:
         """Fake-score denoising loss on the generator's samples (detached) [+ the GAN discriminator loss]."""
         cfg = self.cfg

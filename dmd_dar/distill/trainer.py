@@ -2,7 +2,8 @@
 
 Each iteration: a generator update every ``method.ttur``-th iteration, a fake-score (critic) update every
 iteration; each update accumulates ``run.grad_accum`` micro-batches of ``run.batch_size`` (``accumulated_update``).
-Everything random in iteration s derives from (seed, s, micro-batch, rank), so resume is exact.
+Everything random in iteration s derives from (seed, s, micro-batch, rank), so resume is exact. What a
+checkpoint holds is ``state.TrainingState``; what differs between DDP and FSDP, ``training.strategy``.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ from tqdm.auto import tqdm
 from dmd_dar.config import check_resume_config, save_config, to_yaml
 from dmd_dar.distill.config import DistillConfig
 from dmd_dar.distill.denoiser import Denoiser
-from dmd_dar.distill.gan import GANHead
 from dmd_dar.distill.health import BadStepGuard, output_drift
-from dmd_dar.distill.method import DMD2, frozen
-from dmd_dar.distill.task import Batch, DistillTask, NativeTask
+from dmd_dar.distill.method import DMD2, MicroBatch
+from dmd_dar.distill.state import TrainingState
+from dmd_dar.distill.task import DistillTask, NativeTask
 from dmd_dar.errors import UserError
-from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint, load_process_state
-from dmd_dar.training.ema import EMA
-from dmd_dar.training.optim import build_optimizer, lr_schedule, resumable_changes
+from dmd_dar.training.checkpoint import Checkpointer
+from dmd_dar.training.optim import resumable_changes
 from dmd_dar.training.run import make_accelerator
 from dmd_dar.training.seeding import derive_seed, seed_step
-from dmd_dar.training.sharding import ShardedEMA, check_distribution, clip_grad_norm, forward_module, is_fsdp
+from dmd_dar.training.sharding import check_distribution, clip_grad_norm
+from dmd_dar.training.strategy import make_strategy
 
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
                      "run.progress", "run.log_with", "run.resume", "debug_grid_every")
@@ -96,13 +97,13 @@ def accumulated_update(accelerator, models: list, optimizer, params: list, grad_
     return stepped, norm, {k: sum(d[k] for d in logs if k in d) / sum(k in d for d in logs) for k in keys}
 
 
-def _micro_batches(cfg: DistillConfig, task: DistillTask, step: int, rank: int, device, need_real: bool
-                   ) -> list[tuple[torch.Generator, torch.Generator, Batch]]:
-    """(generator, shared generator, batch) of each micro-batch of iteration ``step``.
+def _micro_batches(cfg: DistillConfig, task: DistillTask, step: int, accelerator, need_real: bool
+                   ) -> list[MicroBatch]:
+    """The micro-batches of iteration ``step``, each with its own random stream and one shared by all ranks.
 
     Micro-batch 0 draws exactly what an iteration without accumulation draws; micro-batch m > 0 has its own seeds.
     """
-    out = []
+    out, rank = [], accelerator.process_index
     for m in range(cfg.run.grad_accum):
         if m == 0:
             gen = seed_step(cfg.run.seed, step, rank)
@@ -110,11 +111,44 @@ def _micro_batches(cfg: DistillConfig, task: DistillTask, step: int, rank: int, 
         else:
             gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "train", step, rank, "micro", m))
             shared = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "shared", step, "micro", m))
-        out.append((gen, shared, task.draw(cfg.run.batch_size, gen, device, need_real)))
+        out.append(MicroBatch(task.draw(cfg.run.batch_size, gen, accelerator.device, need_real), gen, shared))
     return out
 
 
+def _phase_update(accelerator, phase: str, log_prefix: str, models: list, optimizer, scheduler, params: list,
+                  grad_clip: float, guard: BadStepGuard, step_fn: Callable, micro: list[MicroBatch]
+                  ) -> tuple[bool, dict[str, float]]:
+    """One phase's optimizer update over the iteration's micro-batches (``accumulated_update`` of the method's
+    ``step_fn`` under autocast) and its scheduler step. Returns (stepped, logs with the health entries)."""
+    def micro_loss(m: int):
+        with accelerator.autocast():
+            return step_fn(micro[m])
+
+    stepped, norm, logs = accumulated_update(accelerator, models, optimizer, params, grad_clip, guard, phase,
+                                             micro_loss)
+    logs[f"health/skipped_{phase}_step"] = 0.0 if stepped else 1.0
+    if stepped and grad_clip > 0 and norm is not None:
+        logs[f"{log_prefix}/grad_norm"] = norm
+    scheduler.step()
+    return stepped, logs
+
+
+def _build_method(cfg: DistillConfig, task: DistillTask, state: TrainingState, run_dir: Path) -> DMD2:
+    """The DMD2 objective over the prepared networks (and the regression pairs / LPIPS it may need)."""
+    path, null = task.teacher.path, task.teacher.null_cond
+    m = cfg.method
+    regression = None
+    if m.regression_weight > 0:
+        regression = task.regression_pairs(Path(m.regression_cache or run_dir), m.regression_pairs,
+                                           m.regression_steps)
+    return DMD2(m, Denoiser(state.student, path, null), Denoiser(state.fake, path, null),
+                task.teacher, task.student_times, shift=task.shift, gan_head=state.gan_head,
+                regression=regression, lpips_fn=_lpips_fn(cfg))
+
+
 def run(cfg: DistillConfig) -> Path:
+    """Distil ``cfg.networks.teacher`` into a student; resumes from the run folder's latest checkpoint.
+    Returns the export folder."""
     run_dir = Path(cfg.run.out_dir)
     ckpt = Checkpointer(run_dir, keep=cfg.run.keep_checkpoints)
     resume_from = ckpt.latest() if cfg.run.resume else None
@@ -122,231 +156,98 @@ def run(cfg: DistillConfig) -> Path:
         check_resume_config(DistillConfig, cfg, run_dir,
                             resumable_changes(RESUMABLE_CHANGES, cfg.generator_optim, cfg.fake_optim))
     accelerator = make_accelerator(cfg.run, "distill")
-    device = accelerator.device
     check_distribution(accelerator, "distill")
-    fsdp = is_fsdp(accelerator)  # sharded networks: see training/sharding.py for what that changes below
-    if accelerator.is_main_process:
+    strategy = make_strategy(accelerator)
+    main_process = accelerator.is_main_process
+    if main_process:
         save_config(cfg, run_dir)
         print(to_yaml(cfg))
 
     torch.manual_seed(derive_seed(cfg.run.seed, "init"))  # new parameters (GAN head, LoRA) depend on run.seed only
-    task = build_task(cfg, device)
-    path, null = task.teacher.path, task.teacher.null_cond
-    student = task.build_network(cfg.networks.student_routing, cfg.networks.gradient_checkpointing)
-    fake = task.build_network(cfg.networks.fake_routing, cfg.networks.gradient_checkpointing)
-    gan_head = GANHead(task.feature_dim) if cfg.method.gan_weight > 0 else None
-
-    g_opt = build_optimizer(task.param_groups(student, cfg.generator_optim.lr, cfg.generator_optim.routing_lr,
-                                              cfg.generator_optim.weight_decay), cfg.generator_optim)
-    f_groups = task.param_groups(fake, cfg.fake_optim.lr, cfg.fake_optim.routing_lr, cfg.fake_optim.weight_decay)
-    if gan_head is not None:
-        f_groups.append({"params": list(gan_head.parameters()), "lr": cfg.fake_optim.lr, "weight_decay": 0.0})
-    f_opt = build_optimizer(f_groups, cfg.fake_optim)
-    g_updates = math.ceil(cfg.generator_optim.horizon(cfg.run.steps) / cfg.method.ttur)  # its own update count
-    g_sched = lr_schedule(g_opt, cfg.generator_optim, g_updates)
-    f_sched = lr_schedule(f_opt, cfg.fake_optim, cfg.fake_optim.horizon(cfg.run.steps))
-    # None: grids and export use the raw student. Under FSDP the EMA averages each process's shard (made below).
-    ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 and not fsdp else None
-    guard = BadStepGuard(cfg.max_bad_steps)
-    start = 0
+    task = build_task(cfg, accelerator.device)
+    state = TrainingState.build(cfg, task, strategy)
     if resume_from is not None:
-        nets, opts, state = load_checkpoint(resume_from)
-        if state.get("sharded", False) != fsdp:
-            raise UserError(f"{resume_from} was written by {'an FSDP' if state.get('sharded') else 'a non-FSDP'} run "
-                            f"and this run is {'FSDP' if fsdp else 'not FSDP'}: resume with the launch that wrote it "
-                            f"(or start a new run from its export)")
-        teacher_now = task.teacher_identity()
-        if state.get("teacher") is not None and teacher_now is not None and state["teacher"] != teacher_now:
-            raise UserError(f"{resume_from} was trained against other teacher weights than {cfg.networks.teacher} "
-                            f"holds now (sha256 {state['teacher'][:12]}... vs {teacher_now[:12]}...): start a new "
-                            f"run in another folder (run.out_dir=<new folder>) or delete {run_dir}")
-        try:
-            student.load_state_dict(nets["generator"])
-            fake.load_state_dict(nets["fake_score"])
-        except RuntimeError as err:  # e.g. a checkpoint of an older teacher architecture
-            first = str(err).strip().splitlines()
-            raise UserError(f"{resume_from} does not fit the networks this config builds "
-                            f"({' '.join(first[:2])[:300]}): the teacher or the architecture changed since it was "
-                            f"written; start a new run in another folder (run.out_dir=<new folder>) or delete "
-                            f"{run_dir}") from None
-        if gan_head is not None:
-            gan_head.load_state_dict(nets["gan_head"])
-        if ema is not None:
-            ema.load_state_dict(nets["generator_ema"], state["ema_updates"])
-        restored = ((g_sched, "generator_sched"), (f_sched, "fake_sched"))
-        if not fsdp:  # FSDP: each process's optimizer pieces are restored after prepare (below)
-            restored += ((g_opt, "generator"), (f_opt, "fake"))
-        for obj, key in restored:
-            obj.load_state_dict(opts[key])
-        start = state["step"]
-        guard.total = state.get("bad_steps_total", 0)
-        accelerator.print(f"resumed from {resume_from} at step {start}")
-
-    prepared = accelerator.prepare(student, fake, g_opt, f_opt, *([gan_head] if gan_head is not None else []))
-    student, fake, g_opt, f_opt = prepared[:4]
-    gan_head = prepared[4] if gan_head is not None else None
-    if ema is not None:
-        ema.model.to(device)
-    if fsdp:
-        ema = ShardedEMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        if resume_from is not None:
-            own = load_process_state(resume_from, accelerator.process_index, accelerator.num_processes)
-            g_opt.load_state_dict(own["generator"])
-            f_opt.load_state_dict(own["fake"])
-            if ema is not None:
-                ema.load_state_dict(own["ema"], state["ema_updates"])
-    unwrap = accelerator.unwrap_model
-    regression = (task.regression_pairs(Path(cfg.method.regression_cache or run_dir), cfg.method.regression_pairs,
-                                        cfg.method.regression_steps)
-                  if cfg.method.regression_weight > 0 else None)
-    method = DMD2(cfg.method, Denoiser(student, path, null), Denoiser(fake, path, null), task.teacher,
-                  task.student_times, shift=task.shift, gan_head=gan_head, regression=regression,
-                  lpips_fn=_lpips_fn(cfg))
-    reference = task.reference(run_dir) if accelerator.is_main_process else None
-    needs_real = cfg.method.gan_weight > 0 or (cfg.method.student_steps > 1 and not cfg.method.backward_simulation)
-    if accelerator.is_main_process:
+        state.load_state_dict(strategy.load(resume_from), source=resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    state.prepare()
+    start = state.step
+    method = _build_method(cfg, task, state, run_dir)
+    reference = task.reference(run_dir) if main_process else None
+    if main_process:
         accelerator.init_trackers("distill")
-
-    def save(step: int) -> None:
-        """Every process calls it: gathering sharded weights is a collective. The main process writes the
-        checkpoint; under FSDP each process first stages its own optimizer and EMA pieces into it."""
-        nets = {"generator": accelerator.get_state_dict(student), "fake_score": accelerator.get_state_dict(fake)}
-        if gan_head is not None:
-            nets["gan_head"] = accelerator.get_state_dict(gan_head)
-        opts = {"generator_sched": g_sched.state_dict(), "fake_sched": f_sched.state_dict()}
-        if fsdp:
-            ckpt.stage_process_state(step, accelerator.process_index, {
-                "generator": g_opt.state_dict(), "fake": f_opt.state_dict(),
-                "ema": ema.state_dict() if ema is not None else {}})
-            accelerator.wait_for_everyone()
-        else:
-            opts.update(generator=g_opt.state_dict(), fake=f_opt.state_dict())
-            if ema is not None:
-                nets["generator_ema"] = ema.state_dict()
-        if accelerator.is_main_process:
-            ckpt.save(step, nets, opts, {"ema_updates": ema.num_updates if ema is not None else 0,
-                                         "bad_steps_total": guard.total, "num_processes": accelerator.num_processes,
-                                         "sharded": fsdp, "teacher": task.teacher_identity()})
-        accelerator.wait_for_everyone()
-
-    def sampling_net():
-        """The EMA, or the raw student (ema_decay=0), for grids and export. Every process calls it: under FSDP it
-        gathers the full weights (a collective) into a plain copy on the main process; None elsewhere."""
-        if not fsdp:
-            return ema.model if ema is not None else unwrap(student)
-        with ema.swapped_into(student) if ema is not None else contextlib.nullcontext():
-            state = accelerator.get_state_dict(student)
-        if not accelerator.is_main_process:
-            return None
-        net = task.build_network(cfg.networks.student_routing, False)
-        net.load_state_dict(state)
-        return net.to(device)
-
-    def generator_loss(micro, x_fake, debug, do_log, m):
-        gen, shared, b = micro[m]
-        with accelerator.autocast():
-            x_in, t_in = method.generator_input(b.noise, b.cond, gen, shared, b.real)
-            x = method.generate(x_in, t_in, b.cond)
-            loss, logs, micro_debug = method.generator_step(x, b.cond, gen, with_diagnostics=do_log)
-        x_fake[m] = x.detach()
-        if m == 0:
-            debug.update(micro_debug)
-        return loss, logs
-
-    def critic_loss(micro, x_fake, m):
-        gen, shared, b = micro[m]
-        if x_fake[m] is None:  # no generator update this iteration: the current student's samples, no graph
-            with torch.no_grad(), accelerator.autocast():
-                x_in, t_in = method.generator_input(b.noise, b.cond, gen, shared, b.real)
-                x_fake[m] = Denoiser(forward_module(student), path, null).x0(x_in, t_in, b.cond).to(b.noise.dtype)
-        with accelerator.autocast(), frozen(forward_module(student)):
-            return method.critic_step(x_fake[m], b.cond, gen, b.real, b.real_cond)
+    # A plain student to gather sharded (FSDP) weights into for grids and export.
+    fresh_student = functools.partial(task.build_network, cfg.networks.student_routing, False)
 
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="distill",
-               disable=not (cfg.run.progress and accelerator.is_main_process))
+               disable=not (cfg.run.progress and main_process))
     last_logs: dict[str, float] = {}
-    critic_models = [fake, *([gan_head] if gan_head is not None else [])]
-    critic_params = [p for grp in f_opt.param_groups for p in grp["params"]]
+    critic_params = [p for grp in state.f_opt.param_groups for p in grp["params"]]
     for step in bar:
-        micro = _micro_batches(cfg, task, step, accelerator.process_index, device, needs_real)
+        micro = _micro_batches(cfg, task, step, accelerator, method.needs_real)
         logs: dict[str, float] = {}
         do_log = (step + 1) % cfg.run.log_every == 0
-        x_fake: list[torch.Tensor | None] = [None] * len(micro)
         if step % cfg.method.ttur == 0:
-            student.train()
-            debug: dict[str, torch.Tensor] = {}
-            stepped, norm, g_logs = accumulated_update(
-                accelerator, [student], g_opt, list(student.parameters()), cfg.generator_optim.grad_clip, guard,
-                "generator", functools.partial(generator_loss, micro, x_fake, debug, do_log))
+            state.student.train()
+            stepped, g_logs = _phase_update(
+                accelerator, "generator", "gen", [state.student], state.g_opt, state.g_sched,
+                list(state.student.parameters()), cfg.generator_optim.grad_clip, state.guard,
+                functools.partial(method.generator_step, with_diagnostics=do_log), micro)
             logs.update(g_logs)
-            logs["health/skipped_generator_step"] = 0.0 if stepped else 1.0
             if stepped:
-                if cfg.generator_optim.grad_clip > 0 and norm is not None:
-                    logs["gen/grad_norm"] = norm
-                if ema is not None:
-                    ema.update(student if fsdp else unwrap(student))
-            g_sched.step()
+                state.update_ema()
             if reference is not None:
-                logs.update(output_drift(torch.cat(x_fake), reference["mean"], reference["std"]))
-            if cfg.debug_grid_every and accelerator.is_main_process and step % cfg.debug_grid_every == 0:
-                _debug_grid(task, debug, run_dir / "debug" / f"step_{step:07d}.png")
-        fake.train()
-        stepped, norm, c_logs = accumulated_update(accelerator, critic_models, f_opt, critic_params,
-                                                   cfg.fake_optim.grad_clip, guard, "critic",
-                                                   functools.partial(critic_loss, micro, x_fake))
-        logs.update(c_logs)
-        logs["health/skipped_critic_step"] = 0.0 if stepped else 1.0
-        if stepped and cfg.fake_optim.grad_clip > 0 and norm is not None:
-            logs["critic/grad_norm"] = norm
-        f_sched.step()
+                samples = torch.cat([mb.sample for mb in micro])
+                logs.update(output_drift(samples, reference["mean"], reference["std"]))
+            if cfg.debug_grid_every and main_process and step % cfg.debug_grid_every == 0:
+                _debug_grid(task, micro[0].debug, run_dir / "debug" / f"step_{step:07d}.png")
+        state.fake.train()
+        logs.update(_phase_update(accelerator, "critic", "critic", state.critic_networks, state.f_opt,
+                                  state.f_sched, critic_params, cfg.fake_optim.grad_clip, state.guard,
+                                  method.critic_step, micro)[1])
         last_logs.update(logs)
-        done = step + 1
+        state.step = done = step + 1
         if do_log:
-            last_logs["health/bad_steps_total"] = float(guard.total)
-            accelerator.log(last_logs, step=done)
-            bar.set_postfix({k: f"{last_logs[k]:.3g}" for k in ("gen/dm_loss", "critic/fake_loss") if k in last_logs})
-            if accelerator.is_main_process:
-                with open(run_dir / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps({"step": done, **last_logs}) + "\n")
+            last_logs["health/bad_steps_total"] = float(state.guard.total)
+            _log(accelerator, bar, run_dir, done, last_logs)
         if cfg.run.sample_every and done % cfg.run.sample_every == 0:
-            net = sampling_net()
-            if accelerator.is_main_process:
+            net = state.sampling_net(fresh_student)
+            if main_process:
                 _sample_grid(task, net, run_dir / "samples" / f"step_{done:07d}.png")
         if cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0:
-            save(done)
+            strategy.save(ckpt, state.state_dict())
     accelerator.wait_for_everyone()
-    identical = None if fsdp else replicas_identical(accelerator, student)  # FSDP: no replicas, one sharded copy
-    export = run_dir / "export"
-    net = sampling_net()
+    identical = strategy.replicas_identical(state.student)
+    net = state.sampling_net(fresh_student)
     if cfg.run.steps > start and (not cfg.run.ckpt_every or cfg.run.steps % cfg.run.ckpt_every):
-        save(cfg.run.steps)
-    if accelerator.is_main_process:
-        task.export(net, export)
-        _sample_grid(task, net, export / "samples_grid.png")
-        summary = {"steps": cfg.run.steps, "bad_steps_total": guard.total, "student_timesteps": task.student_times,
-                   "num_processes": accelerator.num_processes, "sharded": fsdp, "replicas_identical": identical,
-                   "teacher": task.teacher_identity()}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if identical is False:
-            accelerator.print("warning: the generator replicas differ across processes (see summary.json)")
-        accelerator.print(f"student exported to {export}")
+        strategy.save(ckpt, state.state_dict())
+    export = run_dir / "export"
+    if main_process:
+        _export(accelerator, cfg, task, state, net, identical, export)
     accelerator.end_training()
     return export
 
 
-@torch.no_grad()
-def replicas_identical(accelerator, model) -> bool:
-    """Whether every process holds bit-identical generator weights (DDP keeps them so; drift means a bug)."""
-    if accelerator.num_processes == 1:
-        return True
-    sums = []
-    for p in accelerator.unwrap_model(model).parameters():
-        v = p.detach().double().flatten()
-        ramp = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
-        sums.append(torch.stack([v.sum(), (v * v).sum(), (v * ramp).sum()]))
-    local = torch.cat(sums)[None]  # [1, 3 * num_params]
-    everyone = accelerator.gather(local)  # [world, 3 * num_params]
-    return bool((everyone == everyone[0:1]).all())
+def _log(accelerator, bar, run_dir: Path, done: int, logs: dict[str, float]) -> None:
+    """Send the latest logs to the trackers, the progress bar and (main process) ``metrics.jsonl``."""
+    accelerator.log(logs, step=done)
+    bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("gen/dm_loss", "critic/fake_loss") if k in logs})
+    if accelerator.is_main_process:
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": done, **logs}) + "\n")
+
+
+def _export(accelerator, cfg: DistillConfig, task: DistillTask, state: TrainingState, net,
+            identical: bool | None, export: Path) -> None:
+    """The exported student, its sample grid and the run's ``summary.json`` beside it (main process)."""
+    task.export(net, export)
+    _sample_grid(task, net, export / "samples_grid.png")
+    summary = {"steps": cfg.run.steps, "bad_steps_total": state.guard.total,
+               "student_timesteps": task.student_times, "num_processes": accelerator.num_processes,
+               "sharded": state.strategy.sharded, "replicas_identical": identical, "teacher": state.teacher}
+    (export.parent / "summary.json").write_text(json.dumps(summary, indent=2))
+    if identical is False:
+        accelerator.print("warning: the generator replicas differ across processes (see summary.json)")
+    accelerator.print(f"student exported to {export}")
 
 
 @torch.no_grad()
