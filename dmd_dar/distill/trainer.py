@@ -40,7 +40,7 @@ def build_task(cfg: DistillConfig, device) -> DistillTask:
     """The teacher family named by ``networks.teacher_kind``."""
     if cfg.networks.teacher_kind == "native":
         return NativeTask(cfg.networks.teacher, cfg.method.student_steps, cfg.data, device)
-    from dmd_dar.distill.t2i import DiffusersT2ITask
+    from dmd_dar.t2i.task import DiffusersT2ITask
 
     return DiffusersT2ITask(cfg, device)
 

@@ -137,15 +137,11 @@ def _complete(folder: Path, stamp: dict[str, Any], expected: int) -> bool:
 
 
 def _sample_model(m: SuiteModel, suite: SuiteConfig, suite_file: Path, folder: Path) -> dict[str, Any]:
+    from dmd_dar.artifact import resolve_checkpoint
     from dmd_dar.metrics.protocol import file_fingerprint
     from dmd_dar.models import read_config
-    from dmd_dar.sampling import (
-        SampleConfig,
-        resolve_checkpoint,
-        resolve_classes,
-        resolve_device,
-        sample_folder,
-    )
+    from dmd_dar.sampling import SampleConfig, resolve_classes, sample_folder
+    from dmd_dar.utils.device import resolve_device
 
     if suite.prompts:
         raise UserError(f"model '{m.name}': dmd-dar exports are class-conditional and cannot be sampled from prompts; "

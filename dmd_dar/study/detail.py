@@ -150,7 +150,7 @@ def distill(run: DistillRun, cfg) -> str:
 
 
 def teacher_folder(cfg) -> Path:
-    from dmd_dar.sampling import resolve_checkpoint
+    from dmd_dar.artifact import resolve_checkpoint
 
     return resolve_checkpoint(str(cfg.networks.teacher)).resolve()
 

@@ -89,9 +89,10 @@ def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: Pretrai
     """Train (resume) to ``step``, sample the export, compute its FD vs the reference; record the point."""
     from dmd_dar.artifact import load_artifact
     from dmd_dar.evaluation import evaluate
-    from dmd_dar.sampling import SampleConfig, resolve_device, sample_folder
+    from dmd_dar.sampling import SampleConfig, sample_folder
     from dmd_dar.training.seeding import derive_seed
     from dmd_dar.training.teacher import run as train
+    from dmd_dar.utils.device import resolve_device
 
     p = suite.pretraining
     cfg = teacher_config(suite, suite_file, run, step, device, progress)

@@ -94,6 +94,7 @@ def family_from_index(index: dict[str, Any]) -> tuple[Family, str]:
                         f"distils transformer pipelines ({', '.join(sorted(FAMILY_OF_CLASS))})")
     class_name = str(entry[1])
     if class_name not in FAMILY_OF_CLASS:
+        # lazy: dmd_dar.backbones imports diffusers (seconds); only this error path needs its adapter listing
         from dmd_dar.backbones import adapter_for
 
         adapter_for(type(class_name, (), {})())  # a stand-in of that class name: raises the listing UserError
