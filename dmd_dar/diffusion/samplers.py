@@ -125,6 +125,7 @@ def _steps(timesteps: Tensor | Sequence[float], progress: bool, desc: str):
     ts = torch.as_tensor(timesteps, dtype=torch.float64)
     pairs = list(zip(ts[:-1].tolist(), ts[1:].tolist()))
     if progress:
+        # lazy: progress bars only; diffusion/ itself needs nothing but torch
         from tqdm.auto import tqdm
 
         return tqdm(pairs, desc=desc)

@@ -56,6 +56,7 @@ def export_student(net, folder: Path, task) -> Path:
                if k.startswith(ROUTER_PREFIXES)}
     atomic_save_safetensors(routers, folder / ROUTER_FILE)
     if task.path.kind == "flow":
+        # lazy: diffusers takes seconds to import; only exporting a flow student writes its scheduler
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sched = FlowMatchEulerDiscreteScheduler.from_config(task.scheduler_config, shift=1.0,
@@ -119,10 +120,10 @@ def find_export(path: str | Path) -> Path | None:
 
 def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(``T2INet`` student in eval mode with its DAR routers, export info) from an export folder."""
-    # lazy: diffusers (and dmd_dar.backbones, built on it) take seconds to import; `dmd-dar sample` of a
-    # class-conditional model imports this module (find_export) and never needs them
+    # lazy: diffusers takes seconds to import; `dmd-dar sample` of a class-conditional model imports this module
     import diffusers
 
+    # lazy: dmd_dar.backbones imports diffusers
     from dmd_dar.backbones import wrap_with_dar
 
     folder = Path(folder)
