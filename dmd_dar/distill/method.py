@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from dmd_dar.diffusion.objective import denoising_loss
 from dmd_dar.diffusion.timesteps import shift as apply_shift
-from dmd_dar.distill.config import MethodConfig
 from dmd_dar.distill.denoiser import Denoiser
 from dmd_dar.distill.gan import score_features
 from dmd_dar.distill.health import grad_norm_wrt, per_bucket_rms
@@ -32,6 +32,9 @@ from dmd_dar.distill.losses import (
     regression_loss,
 )
 from dmd_dar.training.sharding import forward_module, is_sharded
+
+if TYPE_CHECKING:  # an annotation only: the config module's RunConfig brings training.run (accelerate) along
+    from dmd_dar.distill.config import MethodConfig
 
 
 @contextlib.contextmanager
