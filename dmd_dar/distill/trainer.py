@@ -40,6 +40,7 @@ def build_task(cfg: DistillConfig, device) -> DistillTask:
     """The teacher family named by ``networks.teacher_kind``."""
     if cfg.networks.teacher_kind == "native":
         return NativeTask(cfg.networks.teacher, cfg.method.student_steps, cfg.data, device)
+    # lazy: dmd_dar.t2i.task imports diffusers (seconds) through backbones; native teachers never need it
     from dmd_dar.t2i.task import DiffusersT2ITask
 
     return DiffusersT2ITask(cfg, device)
