@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv, install everything, run the main job (DMD2 one-step DAR student on the embedded default)
-#   make test   - create .venv, install everything, run the test suite
+#   make test   - create .venv, install everything, check the import contracts, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(DMD) eval suite=eval/suites/embedded.yaml
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports  # the import-linter contracts in pyproject.toml (layers, forbidden imports)
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(command: Command, layers: list[str], overrides: list[str]):
+    # lazy: dmd_dar.config imports torch (seconds), which `dmd-dar --help` never needs
     from dmd_dar.config import build_config
 
     paths = [_layer_path(n) for n in (*command.default_layers, *layers)]
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(command, args.config, args.overrides)
         if args.dry_run:
-            from dmd_dar.config import to_yaml
+            from dmd_dar.config import to_yaml  # lazy: see resolve()
 
             print(to_yaml(cfg), end="")
             return 0

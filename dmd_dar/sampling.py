@@ -1,7 +1,9 @@
-"""Generating images from an exported teacher or student, and the ``dmd-dar sample`` command.
+"""``dmd-dar sample``: a folder of PNGs + manifest.jsonl + grid.png from any exported model.
 
-Every image i is generated from noise seeded by (seed, i) alone, so two models sampled with the same seed and
-conditions start from the same noise: that is what pairs a student's image with its teacher's for LPIPS fidelity.
+Class-conditional dmd-dar exports are sampled here (:func:`sample_folder`, through ``dmd_dar.artifact.generate``);
+text-to-image student exports go to ``dmd_dar.t2i.sample``. Image (class c, k) uses noise seeded by
+``derive_seed("sample", c, seed + k)``, independent of the class list and the batch layout, so subsets pair with
+full runs and folders of two models pair for ``dmd-dar eval``.
 """
 
 from __future__ import annotations
@@ -13,53 +15,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dmd_dar.artifact import ArtifactMeta, load_artifact
+from dmd_dar.artifact import ArtifactMeta, generate, load_artifact, resolve_checkpoint
+from dmd_dar.data.manifest import save_grid, save_png_folder
+from dmd_dar.diffusion.samplers import check_guidance_interval
 from dmd_dar.errors import UserError
+from dmd_dar.t2i.export import find_export
+from dmd_dar.t2i.sample import sample_t2i
 from dmd_dar.training.seeding import derive_seed
-
-
-def make_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Gaussian noise [len(seeds), *shape], sample i drawn from its own generator seeded by ``seeds[i]``."""
-    out = torch.empty(len(seeds), *shape)
-    for i, s in enumerate(seeds):
-        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-    return out.to(device)
-
-
-def model_x0_fn(model, path, labels: torch.Tensor):
-    """x0 prediction of a (student) network at (x_t, t) for fixed labels, no guidance."""
-    def x0_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return path.pred_to_x0(model(x_t, t, labels), x_t, t).to(x_t.dtype)
-
-    return x0_fn
-
-
-@torch.no_grad()
-def generate(model, meta: ArtifactMeta, labels: torch.Tensor, seeds: list[int], *, steps: int | None = None,
-             cfg_scale: float | None = None, cfg_interval: list[float] | None = None, sampler: str | None = None,
-             progress: bool = False) -> torch.Tensor:
-    """Images in [-1, 1], [B, C, H, W], for one batch of labels and per-image seeds. A teacher's ``steps``,
-    ``cfg_scale``, ``cfg_interval`` and ``sampler`` default to its own (``meta.diffusion``)."""
-    from dmd_dar.diffusion.samplers import few_step_sample, guided, sample_ode
-
-    device = next(model.parameters()).device
-    cfgm = model.cfg
-    shape = (cfgm.in_channels, cfgm.image_size, cfgm.image_size)
-    z = make_noise(seeds, shape, device)
-    labels = labels.to(device)
-    d = meta.diffusion
-    path = d.make_path()
-    if meta.role == "student":
-        gen = torch.Generator(device=device).manual_seed(derive_seed("renoise", *seeds[:1]))
-        x = few_step_sample(model_x0_fn(model, path, labels), path, z, meta.student_timesteps, generator=gen)
-    else:
-        scale = d.cfg_scale if cfg_scale is None else cfg_scale
-        null = torch.full_like(labels, cfgm.num_classes)
-        interval = d.cfg_interval if cfg_interval is None else cfg_interval
-        denoise = guided(lambda x, t, y: model(x, t, y), scale, labels, null, interval=interval)
-        x = sample_ode(sampler or d.sampler, denoise, path, z, steps or d.sample_steps, shift=d.shift,
-                       progress=progress)
-    return x.float().clamp(-1, 1)
+from dmd_dar.utils.device import resolve_device
 
 
 @dataclass
@@ -80,28 +43,7 @@ class SampleConfig:
     prompts_file: str | None = None  # ... and/or a prompt file (.txt / .csv / .jsonl)
 
     def __post_init__(self) -> None:
-        from dmd_dar.diffusion.samplers import check_guidance_interval
-
         check_guidance_interval(self.cfg_interval)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but CUDA is not available here; use device=cpu")
-    return torch.device(name)
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A model folder: as given, or the packaged asset of that name, or a run's export/ folder."""
-    p = Path(path)
-    packaged = Path(__file__).resolve().parent / p
-    for candidate in (p, p / "export", packaged):
-        if (candidate / "dmd_dar.json").is_file():
-            return candidate
-    raise UserError(f"{path}: no exported model here (expected dmd_dar.json + model.safetensors); pass a run's "
-                    f"export/ folder, or train one with `dmd-dar train-teacher` / `dmd-dar distill`")
 
 
 def resolve_classes(spec: list[Any] | None, class_names: list[str], num_classes: int) -> list[int]:
@@ -130,8 +72,6 @@ def resolve_classes(spec: list[Any] | None, class_names: list[str], num_classes:
 
 def sample_folder(model, meta: ArtifactMeta, out_dir: Path, cfg: SampleConfig) -> list[dict]:
     """Write PNGs + manifest.jsonl + grid.png for ``num_per_class`` images of each class; returns the records."""
-    from dmd_dar.data.manifest import save_grid, save_png_folder
-
     classes = resolve_classes(cfg.classes, meta.class_names, model.cfg.num_classes)
     jobs = [(c, cfg.seed + k) for c in classes for k in range(cfg.num_per_class)]
     # Seed of image (class c, k) is independent of the class list, so subsets pair with full runs.
@@ -155,12 +95,9 @@ def sample_folder(model, meta: ArtifactMeta, out_dir: Path, cfg: SampleConfig) -
 
 
 def run(cfg: SampleConfig) -> Path:
-    from dmd_dar.t2i.export import find_export
-
+    """``dmd-dar sample``: sample ``cfg.checkpoint`` (a T2I student export, or a class-conditional model)."""
     t2i = find_export(cfg.checkpoint)
     if t2i is not None:  # a diffusers text-to-image student (dmd_dar.t2i)
-        from dmd_dar.t2i.sample import sample_t2i
-
         return sample_t2i(cfg, t2i)
     if cfg.prompt or cfg.prompts_file:
         raise UserError(f"{cfg.checkpoint}: prompt / prompts_file apply to text-to-image students only; this is a "

@@ -13,7 +13,7 @@
     max_memory_allocated above the allocated bytes at the span's start. CPU: peak RSS (VmHWM, reset through
     /proc/self/clear_refs) above the RSS at the span's start, after malloc_trim; report only (no target).
 (c) Sampling throughput (images/s) of a one-step student (a ``to_dar`` copy of the teacher: the same cost as a
-    distilled one) against the 50-step teacher with CFG, both through ``dmd_dar.sampling.generate``; target >= 40x.
+    distilled one) against the 50-step teacher with CFG, both through ``dmd_dar.artifact.generate``; target >= 40x.
     After one warm-up of each, rounds alternate which goes first; the student repeats its batch
     ``--student-repeats`` times per round. Medians over rounds.
 
@@ -43,13 +43,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dmd_dar.artifact import generate  # noqa: E402
 from dmd_dar.config import build_config  # noqa: E402
 from dmd_dar.diffusion.objective import denoising_loss  # noqa: E402
 from dmd_dar.distill import trainer  # noqa: E402
 from dmd_dar.distill.config import DistillConfig  # noqa: E402
 from dmd_dar.distill.denoiser import Denoiser  # noqa: E402
 from dmd_dar.distill.task import NativeTask  # noqa: E402
-from dmd_dar.sampling import generate  # noqa: E402
 from dmd_dar.utils.io import atomic_save_safetensors  # noqa: E402
 
 TEACHER = ROOT / "dmd_dar" / "assets" / "teacher"

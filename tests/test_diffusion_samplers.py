@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dmd_dar.diffusion.noise import make_noise
 from dmd_dar.diffusion.paths import make_path
 from dmd_dar.diffusion.samplers import (
     cfg,
@@ -15,6 +16,7 @@ from dmd_dar.diffusion.samplers import (
     few_step_sample,
     guided,
     heun_sample,
+    network_x0_fn,
     sample_ode,
     student_timesteps,
     timestep_grid,
@@ -199,6 +201,32 @@ def test_few_step_sample_renoises_to_each_student_time():
         a, s = path.alpha_sigma(torch.tensor(t, dtype=torch.float64))
         assert abs(float(x.mean()) - float(a) * c) < 0.05
         assert abs(float(x.std()) - float(s)) < 0.05
+
+
+def test_network_x0_fn_is_the_x0_of_the_networks_prediction_under_the_fixed_condition():
+    path = make_path("flow", "velocity")  # x_t = (1 - t) x0 + t eps, v = eps - x0, so x0 = x_t - t v
+    calls = []
+
+    def net(x, t, cond):
+        calls.append(cond)
+        return (cond * torch.ones_like(x)).double()  # a float64 prediction for float32 inputs
+
+    x0_fn = network_x0_fn(net, path, 2.0)
+    x = torch.randn(3, 1, 2, 2)
+    t = torch.tensor([0.25, 0.5, 1.0])
+    out = x0_fn(x, t)
+    assert calls == [2.0] and out.dtype == torch.float32
+    torch.testing.assert_close(out, x - 2.0 * t.view(-1, 1, 1, 1))
+
+
+def test_make_noise_draws_each_image_from_its_own_seed():
+    seeds, shape = [3, 5, 7], (2, 4)
+    z = make_noise(seeds, shape)
+    assert z.shape == (3, *shape)
+    for i, s in enumerate(seeds):
+        assert torch.equal(z[i], torch.randn(shape, generator=torch.Generator().manual_seed(s)))
+    assert torch.equal(make_noise([5], shape)[0], z[1])  # independent of the other images of the batch
+    assert not torch.equal(z[0], z[1])
 
 
 def test_shift_inverse_and_endpoints():

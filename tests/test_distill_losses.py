@@ -151,8 +151,7 @@ def test_fake_score_loss_vanishes_for_the_exact_score_of_a_known_x0(kind, predic
     for a generator whose samples all equal one x0 and a fake score predicting exactly that x0's velocity /
     eps, it is 0 up to round-off; a fake score off by a constant c costs exactly c^2."""
     from dmd_dar.distill.config import MethodConfig
-    from dmd_dar.distill.method import DMD2, MicroBatch
-    from dmd_dar.distill.task import Batch
+    from dmd_dar.distill.method import DMD2, Batch, MicroBatch
 
     path = make_path(kind, prediction, dtype=torch.float64)
     x0 = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

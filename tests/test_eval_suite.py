@@ -8,13 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, load_artifact, save_artifact
+from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, generate, load_artifact, save_artifact
 from dmd_dar.config import build_config
 from dmd_dar.errors import UserError
 from dmd_dar.evaluation import EvalConfig, Evaluation, run
 from dmd_dar.evaluation.suite import apply_suite_settings, load_suite
 from dmd_dar.models import build_model, preset_config
-from dmd_dar.sampling import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = """

@@ -82,7 +82,8 @@ _WORKER = r"""
 import os, sys
 from safetensors.torch import save_file
 from dmd_dar.config import build_config
-from dmd_dar.distill import t2i, trainer
+from dmd_dar.distill import trainer
+from dmd_dar.t2i import task as t2i
 from dmd_dar.distill.config import DistillConfig
 
 built = []

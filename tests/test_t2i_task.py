@@ -9,11 +9,11 @@ import torch
 from dmd_dar.config import build_config
 from dmd_dar.diffusion.samplers import sample_ode
 from dmd_dar.distill.config import DistillConfig
-from dmd_dar.distill.t2i import DiffusersT2ITask
 from dmd_dar.errors import UserError
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.t2i import embeddings as E
 from dmd_dar.t2i.families import pack, unpack
+from dmd_dar.t2i.task import DiffusersT2ITask
 from dmd_dar.t2i.tiny import build_tiny_pipeline
 
 PROMPTS = ["a cat on a mat", "a red fox in the snow", "macro photo of a bee"]

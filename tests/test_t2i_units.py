@@ -234,3 +234,35 @@ def test_t2inet_conventions_for_qwen_pixart_dit():
             ref = model(x, timestep=t * 999, return_dict=False, **kwargs)[0]
         assert ref.shape[1] == 2 * x.shape[1] and got.shape == x.shape
         torch.testing.assert_close(got, ref[:, :x.shape[1]])
+
+
+class _RecordingVAE(torch.nn.Module):
+    """A stand-in VAE: ``decode`` records its input and returns it times 3 (so the clamp to [-1, 1] shows)."""
+
+    def __init__(self, **config) -> None:
+        super().__init__()
+        self.config = type("Config", (), config)()
+        self.weight = torch.nn.Parameter(torch.zeros((), dtype=torch.float16))  # the VAE's dtype: float16
+        self.seen = []
+
+    def decode(self, z, return_dict=False):
+        self.seen.append(z)
+        return (z.float() * 3,)
+
+
+def test_decode_latents_undoes_each_familys_latent_normalisation():
+    x = torch.tensor([[[[0.1]], [[-0.2]]]])  # [B=1, C=2, 1, 1]
+    vae = _RecordingVAE(scaling_factor=2.0, shift_factor=0.25)
+    img = FAMILIES["sd3"].decode_latents(vae, x)
+    torch.testing.assert_close(vae.seen[0], (x / 2.0 + 0.25).half())  # in the VAE's dtype
+    assert img.dtype == torch.float32
+    torch.testing.assert_close(img, (x / 2.0 + 0.25).half().float().mul(3).clamp(-1, 1))
+    img = FAMILIES["pixart"].decode_latents(_RecordingVAE(scaling_factor=0.5, shift_factor=None), x)  # no shift
+    torch.testing.assert_close(img, torch.tensor([[[[0.6]], [[-1.0]]]]), atol=1e-3, rtol=0)  # 3 x / 0.5, clamped
+
+    vae = _RecordingVAE(latents_mean=[1.0, -1.0], latents_std=[2.0, 0.5])  # Qwen-Image: a one-frame video VAE
+    img = FAMILIES["qwenimage"].decode_latents(vae, x)
+    expected = torch.tensor([[[[1.2]], [[-1.1]]]])  # x * std + mean, per channel
+    assert vae.seen[0].shape == (1, 2, 1, 1, 1)
+    torch.testing.assert_close(vae.seen[0][:, :, 0], expected.half())
+    assert img.shape == (1, 2, 1, 1)

@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dmd_dar.analysis.diagnostics import diagnose_model
+from dmd_dar.analysis.plots import plot_all
+from dmd_dar.artifact import load_artifact, resolve_checkpoint
+from dmd_dar.data.procedural import CLASS_NAMES, ProceduralImages
 from dmd_dar.errors import UserError
+from dmd_dar.training.seeding import derive_seed
+from dmd_dar.utils.device import resolve_device
 from dmd_dar.utils.io import atomic_write_json
 
 DEFAULT_T_GRID = [0.01, 0.12, 0.23, 0.34, 0.45, 0.56, 0.67, 0.78, 0.89, 1.0]
@@ -52,9 +58,6 @@ class DiagnoseConfig:
 
 def diagnosis_batch(model, num_samples: int, seed: int, device: torch.device | str = "cpu"):
     """(x0 [N, 3, H, W], eps, y or None) from the held-out procedural split at the model's resolution."""
-    from dmd_dar.data.procedural import CLASS_NAMES, ProceduralImages
-    from dmd_dar.training.seeding import derive_seed
-
     mc = model.cfg
     if mc.in_channels != 3:
         raise UserError(f"diagnose runs on RGB procedural images, but the model takes {mc.in_channels} channels "
@@ -83,11 +86,7 @@ def to_jsonable(x: Any) -> Any:
 
 
 def run(cfg: DiagnoseConfig) -> Path:
-    from dmd_dar.analysis.diagnostics import diagnose_model
-    from dmd_dar.analysis.plots import plot_all
-    from dmd_dar.artifact import load_artifact
-    from dmd_dar.sampling import resolve_checkpoint, resolve_device
-
+    """``dmd-dar diagnose``: routing diagnostics of ``cfg.checkpoint`` -> plots + diagnostics.json."""
     folder = resolve_checkpoint(cfg.checkpoint)
     device = resolve_device(cfg.device)
     model, meta = load_artifact(folder, device=str(device))

@@ -12,6 +12,7 @@ import numpy as np
 
 
 def _plt():
+    # lazy: matplotlib takes ~1 s to import; only writing plots needs it
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -34,6 +35,7 @@ def heatmap(values: np.ndarray, path: Path, *, title: str, ylabel: str, yticks: 
             xlabel: str = "t (1 = noise)", log: bool = False, diverging: bool = False, cbar: str = "") -> Path:
     """values [rows, cols] -> PNG; rows are drawn top = first. NaN cells are blank."""
     plt = _plt()
+    # lazy: as in _plt()
     from matplotlib.colors import LogNorm, TwoSlopeNorm
 
     v = np.array(values, dtype=np.float64)
@@ -92,6 +94,7 @@ def per_t_maps(maps: np.ndarray, t: np.ndarray, path: Path, *, title: str, ylabe
                diverging: bool = False, normalise_rows: bool = False) -> Path:
     """A grid of [rows x cols] heatmaps, one per t (routing weights, or source importance)."""
     plt = _plt()
+    # lazy: as in _plt()
     from matplotlib.colors import TwoSlopeNorm
 
     m = np.array(maps, dtype=np.float64)

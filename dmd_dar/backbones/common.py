@@ -72,6 +72,7 @@ def feed_forward(block: nn.Module, ff: nn.Module, x: torch.Tensor) -> torch.Tens
     chunk_size = getattr(block, "_chunk_size", None)
     if chunk_size is None:
         return ff(x)
+    # lazy: a private diffusers helper: a diffusers without it breaks only the chunked path
     from diffusers.models.attention import _chunked_feed_forward  # the helper the blocks use themselves
 
     return _chunked_feed_forward(ff, x, block._chunk_dim, chunk_size)

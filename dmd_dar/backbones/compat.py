@@ -19,6 +19,7 @@ import inspect
 import textwrap
 import warnings
 
+import diffusers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -41,8 +42,6 @@ RECORDED_FINGERPRINTS: dict[str, str] = {
 
 
 def diffusers_version() -> Version:
-    import diffusers
-
     return Version(diffusers.__version__)
 
 

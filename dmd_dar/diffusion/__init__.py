@@ -1,5 +1,6 @@
 """Noise paths, conversions, timestep sampling and ODE / few-step samplers. Pure functions, no nn.Module state."""
 
+from dmd_dar.diffusion.noise import make_noise
 from dmd_dar.diffusion.paths import NoisePath, RectifiedFlow, VPPath, make_path
 from dmd_dar.diffusion.samplers import (
     cfg,
@@ -9,6 +10,7 @@ from dmd_dar.diffusion.samplers import (
     few_step_sample,
     guided,
     heun_sample,
+    network_x0_fn,
     sample_ode,
     student_timesteps,
     timestep_grid,
@@ -23,7 +25,7 @@ from dmd_dar.diffusion.timesteps import (
     unshift,
 )
 
-__all__ = ["NoisePath", "RectifiedFlow", "VPPath", "make_path", "cfg", "cfg_x0", "guided", "timestep_grid",
-           "euler_sample", "heun_sample", "ddim_sample", "sample_ode", "student_timesteps", "few_step_sample",
-           "shift", "unshift", "sample_uniform", "sample_logit_normal", "sample_timesteps", "dm_timestep_range",
-           "sample_dm_timesteps"]
+__all__ = ["NoisePath", "RectifiedFlow", "VPPath", "make_path", "make_noise", "cfg", "cfg_x0", "guided",
+           "timestep_grid", "euler_sample", "heun_sample", "ddim_sample", "sample_ode", "student_timesteps",
+           "network_x0_fn", "few_step_sample", "shift", "unshift", "sample_uniform", "sample_logit_normal",
+           "sample_timesteps", "dm_timestep_range", "sample_dm_timesteps"]

@@ -24,7 +24,7 @@ DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["cfg", "cfg_x0", "cat_conditions", "check_guidance_interval", "guidance_mask", "where_guided", "guided",
            "timestep_grid", "euler_sample", "heun_sample", "ddim_sample", "sample_ode", "ODE_SAMPLERS",
-           "student_timesteps", "few_step_sample"]
+           "student_timesteps", "network_x0_fn", "few_step_sample"]
 
 
 def cfg(pred_cond: Tensor, pred_uncond: Tensor, scale: float) -> Tensor:
@@ -125,6 +125,7 @@ def _steps(timesteps: Tensor | Sequence[float], progress: bool, desc: str):
     ts = torch.as_tensor(timesteps, dtype=torch.float64)
     pairs = list(zip(ts[:-1].tolist(), ts[1:].tolist()))
     if progress:
+        # lazy: progress bars only; diffusion/ itself needs nothing but torch
         from tqdm.auto import tqdm
 
         return tqdm(pairs, desc=desc)
@@ -202,6 +203,15 @@ def student_timesteps(num_steps: int, shift: float = 1.0, t_max: float = 1.0) ->
     if shift != 1.0:
         t = _shift(t, shift)
     return [float(v) for v in t]
+
+
+def network_x0_fn(net: Callable[[Tensor, Tensor, Any], Tensor], path: NoisePath, cond: Any) -> DenoiseFn:
+    """The ``x0_fn`` of :func:`few_step_sample` for a (student) network ``net(x_t, t, cond)`` under a fixed
+    condition, no guidance: its prediction converted to x0 in ``x_t``'s dtype."""
+    def x0_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        return path.pred_to_x0(net(x_t, t, cond), x_t, t).to(x_t.dtype)
+
+    return x0_fn
 
 
 @torch.no_grad()

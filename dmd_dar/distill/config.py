@@ -70,7 +70,7 @@ class NetworksConfig:
 
 @dataclass
 class T2IConfig:
-    """Distilling a diffusers text-to-image teacher (``networks.teacher_kind=diffusers``); see dmd_dar.distill.t2i."""
+    """Distilling a diffusers text-to-image teacher (``networks.teacher_kind=diffusers``); see dmd_dar.t2i.task."""
 
     model: str = ""  # a local diffusers pipeline folder (model_index.json) or a hub id
     revision: str | None = None

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dmd_dar.diffusion.objective import denoising_loss
 from dmd_dar.diffusion.timesteps import shift as apply_shift
-from dmd_dar.distill.config import MethodConfig
 from dmd_dar.distill.denoiser import Denoiser
 from dmd_dar.distill.gan import score_features
 from dmd_dar.distill.health import grad_norm_wrt, per_bucket_rms
@@ -33,8 +33,10 @@ from dmd_dar.distill.losses import (
     gan_generator_loss,
     regression_loss,
 )
-from dmd_dar.distill.task import Batch
 from dmd_dar.training.sharding import forward_module, is_sharded
+
+if TYPE_CHECKING:  # an annotation only: the config module's RunConfig brings training.run (accelerate) along
+    from dmd_dar.distill.config import MethodConfig
 
 
 @contextlib.contextmanager
@@ -55,6 +57,16 @@ def frozen(*modules: nn.Module | None):
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+@dataclass
+class Batch:
+    """One iteration's inputs, as a task draws them: generator noise and conditions, and (optionally) real samples."""
+
+    noise: torch.Tensor
+    cond: Any
+    real: torch.Tensor | None = None
+    real_cond: Any = None
 
 
 @dataclass

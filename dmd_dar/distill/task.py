@@ -4,36 +4,30 @@ The trainer (plumbing) and the method (maths) are the same for every teacher; a 
 the frozen teacher as a ``Denoiser``, how to build the trainable student / fake-score copies, how to draw a batch
 of noise and conditions, how to turn samples into images, and how to export the student. ``NativeTask`` serves the
 project's own SiT/DiT teachers (class-conditional, pixels or latents); the diffusers text-to-image teachers live in
-``dmd_dar.distill.t2i``.
+``dmd_dar.t2i.task``.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from dmd_dar.artifact import ArtifactMeta, load_artifact, save_artifact
+from dmd_dar.artifact import ArtifactMeta, generate, load_artifact, resolve_checkpoint, save_artifact
+from dmd_dar.diffusion.noise import make_noise
 from dmd_dar.diffusion.samplers import student_timesteps
 from dmd_dar.distill.denoiser import Denoiser, class_null_cond
+from dmd_dar.distill.method import Batch, RegressionPairs
 from dmd_dar.errors import UserError
+from dmd_dar.models import param_groups, to_dar
 from dmd_dar.routing import RoutingConfig
+from dmd_dar.training.batches import draw_batch, make_dataset
 from dmd_dar.training.seeding import derive_seed
-from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
-
-
-@dataclass
-class Batch:
-    """One iteration's inputs: generator noise and conditions, and (optionally) real samples."""
-
-    noise: torch.Tensor
-    cond: Any
-    real: torch.Tensor | None = None
-    real_cond: Any = None
+from dmd_dar.utils.io import atomic_save_safetensors, file_digest, load_safetensors
 
 
 class DistillTask:
@@ -108,9 +102,6 @@ def disable_dropout(net: nn.Module) -> nn.Module:
 def native_teacher_digest(folder: str | Path) -> str:
     """sha256 of an exported teacher's weights (``folder``: as ``networks.teacher`` names it): what checkpoints, run
     summaries and the regression-pair cache record, so results of another teacher are never taken for this one's."""
-    from dmd_dar.sampling import resolve_checkpoint
-    from dmd_dar.utils.io import file_digest
-
     return file_digest(resolve_checkpoint(str(folder)) / "model.safetensors")
 
 
@@ -118,9 +109,6 @@ class NativeTask(DistillTask):
     """Distill an exported dmd-dar SiT/DiT teacher (class-conditional or unconditional)."""
 
     def __init__(self, teacher_folder: str | Path, student_steps: int, data_cfg, device) -> None:
-        from dmd_dar.sampling import resolve_checkpoint
-        from dmd_dar.training.batches import make_dataset
-
         self.folder = resolve_checkpoint(str(teacher_folder))
         net, meta = load_artifact(self.folder)
         if meta.role != "teacher":
@@ -139,26 +127,19 @@ class NativeTask(DistillTask):
         self.feature_dim = net.cfg.hidden_size
         self.data_cfg = data_cfg
         self._dataset = None
-        self._make_dataset = make_dataset
 
     def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
         """A trainable copy of the teacher: a function-preserving DAR retrofit, or a plain residual copy, without
         the teacher's label dropout (``disable_dropout`` says why)."""
-        from dmd_dar.models import to_dar
-
         net = to_dar(self.net, routing) if routing.is_dar else copy.deepcopy(self.net)
         net.cfg.gradient_checkpointing = gradient_checkpointing
         net.cfg.class_dropout_prob = 0.0  # the copy's own config, so the export records what was trained
         return disable_dropout(net).train().requires_grad_(True)
 
     def param_groups(self, net, lr, routing_lr, weight_decay):
-        from dmd_dar.models import param_groups
-
         return param_groups(net, lr, routing_lr, weight_decay)
 
     def draw(self, batch_size, gen, device, need_real) -> Batch:
-        from dmd_dar.training.batches import draw_batch
-
         c = self.net.cfg
         labels = (torch.randint(self.num_classes, (batch_size,), generator=gen) if self.num_classes
                   else torch.zeros(batch_size, dtype=torch.long))
@@ -166,7 +147,7 @@ class NativeTask(DistillTask):
         batch = Batch(noise.to(device), labels.to(device))
         if need_real:
             if self._dataset is None:
-                self._dataset = self._make_dataset(self.data_cfg)
+                self._dataset = make_dataset(self.data_cfg)
                 n_data = len(getattr(self._dataset, "class_names", []) or [])
                 if self.num_classes and n_data != self.num_classes:
                     raise UserError(f"the real-image dataset ({self.data_cfg.source}) has {n_data} classes but the "
@@ -186,8 +167,6 @@ class NativeTask(DistillTask):
 
     @torch.no_grad()
     def sample(self, net: nn.Module, cond, seeds: list[int], as_teacher: bool = False) -> torch.Tensor:
-        from dmd_dar.sampling import generate
-
         meta = self.meta if as_teacher else self.student_meta()
         return generate(net, meta, cond, seeds, steps=25 if as_teacher else None)
 
@@ -208,11 +187,6 @@ class NativeTask(DistillTask):
 
     def regression_pairs(self, cache_dir: Path, n: int, steps: int):
         """DMD1 regression pairs (noise, label, teacher ODE sample), generated once and cached in ``cache_dir``."""
-        from tqdm.auto import tqdm
-
-        from dmd_dar.distill.method import RegressionPairs
-        from dmd_dar.sampling import generate, make_noise
-
         # The file name says what the pairs are, so a shared cache never hands out pairs of another teacher.
         tag = f"{self.teacher_identity()[:12]}_n{n}_s{steps}"
         path = Path(cache_dir) / f"regression_pairs_{tag}.safetensors"

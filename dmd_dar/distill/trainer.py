@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmd_dar.config import check_resume_config, save_config, to_yaml
+from dmd_dar.data.manifest import save_grid
 from dmd_dar.distill.config import DistillConfig
 from dmd_dar.distill.denoiser import Denoiser
 from dmd_dar.distill.health import BadStepGuard, output_drift
@@ -26,6 +27,8 @@ from dmd_dar.distill.method import DMD2, MicroBatch
 from dmd_dar.distill.state import TrainingState
 from dmd_dar.distill.task import DistillTask, NativeTask
 from dmd_dar.errors import UserError
+from dmd_dar.metrics.availability import MetricUnavailable
+from dmd_dar.metrics.lpips_metric import LpipsModel
 from dmd_dar.training.checkpoint import Checkpointer
 from dmd_dar.training.optim import resumable_changes
 from dmd_dar.training.run import make_accelerator
@@ -41,7 +44,8 @@ def build_task(cfg: DistillConfig, device) -> DistillTask:
     """The teacher family named by ``networks.teacher_kind``."""
     if cfg.networks.teacher_kind == "native":
         return NativeTask(cfg.networks.teacher, cfg.method.student_steps, cfg.data, device)
-    from dmd_dar.distill.t2i import DiffusersT2ITask
+    # lazy: dmd_dar.t2i.task imports diffusers (seconds) through backbones; native teachers never need it
+    from dmd_dar.t2i.task import DiffusersT2ITask
 
     return DiffusersT2ITask(cfg, device)
 
@@ -49,9 +53,6 @@ def build_task(cfg: DistillConfig, device) -> DistillTask:
 def _lpips_fn(cfg: DistillConfig):
     if cfg.method.regression_weight <= 0 or cfg.method.regression_loss != "lpips":
         return None
-    from dmd_dar.metrics.availability import MetricUnavailable
-    from dmd_dar.metrics.lpips_metric import LpipsModel
-
     try:
         net = LpipsModel()
     except MetricUnavailable as exc:
@@ -252,8 +253,6 @@ def _export(accelerator, cfg: DistillConfig, task: DistillTask, state: TrainingS
 
 @torch.no_grad()
 def _sample_grid(task: DistillTask, model, path: Path, per_cond: int = 8) -> None:
-    from dmd_dar.data.manifest import save_grid
-
     training = model.training
     model.eval()
     cond, seeds = task.grid_batch(per_cond)
@@ -263,7 +262,5 @@ def _sample_grid(task: DistillTask, model, path: Path, per_cond: int = 8) -> Non
 
 def _debug_grid(task: DistillTask, debug: dict[str, torch.Tensor], path: Path, n: int = 8) -> None:
     """Rows: generator output, real-score x0, fake-score x0 (same x_t) — what users look at to debug collapse."""
-    from dmd_dar.data.manifest import save_grid
-
     rows = [task.decode(debug[k][:n]).float().clamp(-1, 1).cpu() for k in ("generator", "real_x0", "fake_x0")]
     save_grid(torch.cat(rows), path, nrow=rows[0].shape[0])

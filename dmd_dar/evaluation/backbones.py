@@ -17,6 +17,7 @@ from dmd_dar.metrics.clip_score import ClipImageFeatures, OpenClipModel
 from dmd_dar.metrics.distribution import InceptionFeatures
 from dmd_dar.metrics.lpips_metric import LpipsModel
 from dmd_dar.metrics.stlpips_metric import StLpipsModel
+from dmd_dar.utils.device import resolve_device
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -31,18 +32,12 @@ def resolve_asset(path: str | None) -> str | None:
     return str(PACKAGE_DIR / p)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Backbones:
     """Metric networks, built once on first use; a missing weights file raises :class:`MetricUnavailable`."""
 
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg
-        self.device = _device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self._built: dict[str, Any] = {}
         self.lpips_selection: dict[str, Any] | None = None
 

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dmd_dar.data.folder import IMAGE_EXTENSIONS, read_rgb
 from dmd_dar.data.manifest import MANIFEST_NAME, read_manifest
+from dmd_dar.data.procedural import CLASS_PHRASES
 from dmd_dar.errors import UserError
 from dmd_dar.metrics.pairing import sample_key
 
@@ -27,8 +28,6 @@ _CACHE_BYTES = 1 << 30  # decoded sets up to 1 GiB (uint8) stay in memory across
 
 
 def _phrase(class_name: str) -> str:
-    from dmd_dar.data.procedural import CLASS_PHRASES
-
     return CLASS_PHRASES.get(class_name, class_name.replace("_", " "))
 
 

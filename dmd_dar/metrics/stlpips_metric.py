@@ -28,6 +28,7 @@ import torch
 
 from dmd_dar.errors import UserError
 from dmd_dar.metrics.availability import MetricUnavailable
+from dmd_dar.metrics.lpips_metric import batched_distance
 from dmd_dar.metrics.protocol import file_fingerprint, package_versions
 
 STLPIPS_NAME = "ST-LPIPS (alex, shift-tolerant v0.0)"
@@ -132,8 +133,6 @@ class StLpipsModel:
     @torch.no_grad()
     def __call__(self, a: torch.Tensor, b: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """ST-LPIPS between paired images ``a, b [N, 3, H, W]`` in [-1, 1]: ``[N]`` float64."""
-        from dmd_dar.metrics.lpips_metric import batched_distance
-
         if a.ndim == 4 and min(a.shape[-2:]) < MIN_SIDE:
             raise UserError(f"ST-LPIPS needs images of at least {MIN_SIDE}x{MIN_SIDE} px, got {tuple(a.shape)}")
         return batched_distance(self.model, self.device, a, b, batch_size, "ST-LPIPS")

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from dmd_dar.data.procedural import CLASS_NAMES, CLASS_PHRASES, COLOR_NAMES, ProceduralImages
 from dmd_dar.errors import UserError
 from dmd_dar.metrics.clip_config import ClipArchConfig
+from dmd_dar.metrics.clip_score import OpenClipModel
 from dmd_dar.training.seeding import derive_seed
 from dmd_dar.utils.io import atomic_save_safetensors, atomic_write_json
 
@@ -130,8 +131,6 @@ def save_clip(model, arch: ClipArchConfig, out_dir: str | Path, storage_dtype: s
 def load_embedded_clip(folder: str | Path | None = None, device: str | torch.device = "cpu"):
     """The in-domain CLIP as an :class:`OpenClipModel` (no pre-resize: images go straight to open_clip's eval
     transform, which is the identity resize for 32 x 32 inputs). ``folder`` defaults to the packaged asset."""
-    from dmd_dar.metrics.clip_score import OpenClipModel
-
     folder = Path(folder) if folder is not None else PACKAGED_DIR
     return OpenClipModel(pretrained=None, weights_file=folder / WEIGHTS_FILE, model_config=folder / CONFIG_FILE,
                          pre_resize=None, device=device)

@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dmd_dar.artifact import resolve_checkpoint
 from dmd_dar.config import build_config, diff_configs, load_saved_config, to_dict
 from dmd_dar.distill import trainer
 from dmd_dar.distill.config import DistillConfig
@@ -150,8 +151,6 @@ def distill(run: DistillRun, cfg) -> str:
 
 
 def teacher_folder(cfg) -> Path:
-    from dmd_dar.sampling import resolve_checkpoint
-
     return resolve_checkpoint(str(cfg.networks.teacher)).resolve()
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dmd_dar import sampling
 from dmd_dar.artifact import load_artifact
 from dmd_dar.config import build_config
 from dmd_dar.errors import UserError
@@ -27,6 +28,7 @@ from dmd_dar.study.detail import check_saved_config, trainer_output_to
 from dmd_dar.training import teacher as teacher_training
 from dmd_dar.training.seeding import derive_seed
 from dmd_dar.training.teacher import RESUMABLE_CHANGES, TeacherConfig
+from dmd_dar.utils.device import resolve_device
 from dmd_dar.utils.io import atomic_write_json, atomic_write_text
 
 FD_FILE = "fd.json"
@@ -93,7 +95,6 @@ def pending(suite: StudySuite, suite_file: Path, run: PretrainRun, device: str) 
 def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: PretrainRun, step: int, device: str,
               progress: bool) -> dict[str, Any]:
     """Train (resume) to ``step``, sample the export, compute its FD vs the reference; record the point."""
-    from dmd_dar.sampling import SampleConfig, resolve_device, sample_folder
 
     p = suite.pretraining
     cfg = teacher_config(suite, suite_file, run, step, device, progress)
@@ -112,8 +113,9 @@ def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: Pretrai
         return {"step": step, "fd": None, "failed": str(exc)}
     model, meta = load_artifact(export, device=str(resolve_device(device)))
     folder = run.run_dir / "fd_samples" / f"step_{step:07d}"
-    records = sample_folder(model, meta, folder, SampleConfig(checkpoint=str(export), num_per_class=p.fd_num_per_class,
-                                                    seed=0, steps=p.fd_sample_steps, batch_size=64, device=device))
+    sample_cfg = sampling.SampleConfig(checkpoint=str(export), num_per_class=p.fd_num_per_class, seed=0,
+                                       steps=p.fd_sample_steps, batch_size=64, device=device)
+    records = sampling.sample_folder(model, meta, folder, sample_cfg)
     eval_cfg = _fd_eval_config(suite, suite_file, study_dir, run, folder, device)
     result = evaluate(eval_cfg)
     comp = next(c for c in result.comparisons if c.kind == "reference")

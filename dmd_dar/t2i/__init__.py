@@ -1,5 +1,5 @@
 """Text-to-image teachers from diffusers: families, pipeline loading, prompt sets, the text-embedding cache, LoRA,
-memory estimates, export / ``load_student`` and sampling. The DMD2 task itself is ``dmd_dar.distill.t2i``."""
+memory estimates, export / ``load_student`` and sampling. The DMD2 task itself is ``dmd_dar.t2i.task``."""
 
 from dmd_dar.t2i.export import find_export, load_student
 from dmd_dar.t2i.families import FAMILIES, Family, T2INet

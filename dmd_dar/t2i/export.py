@@ -28,6 +28,9 @@ import torch
 
 from dmd_dar.errors import UserError
 from dmd_dar.routing import RoutingConfig
+from dmd_dar.t2i.families import FAMILIES, T2INet
+from dmd_dar.t2i.loading import torch_dtype
+from dmd_dar.t2i.lora import has_lora, merge_lora, save_lora
 from dmd_dar.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
 
 FORMAT = "dmd_dar.t2i.student/1"
@@ -38,8 +41,6 @@ ROUTER_PREFIXES = ("router.", "text_router.")
 
 def export_student(net, folder: Path, task) -> Path:
     """Write ``net`` (a ``T2INet`` around a DAR-wrapped, possibly LoRA-adapted transformer) as an export folder."""
-    from dmd_dar.t2i.lora import has_lora, merge_lora, save_lora
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     wrapped = net.model
@@ -55,6 +56,7 @@ def export_student(net, folder: Path, task) -> Path:
                if k.startswith(ROUTER_PREFIXES)}
     atomic_save_safetensors(routers, folder / ROUTER_FILE)
     if task.path.kind == "flow":
+        # lazy: diffusers takes seconds to import; only exporting a flow student writes its scheduler
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sched = FlowMatchEulerDiscreteScheduler.from_config(task.scheduler_config, shift=1.0,
@@ -118,11 +120,11 @@ def find_export(path: str | Path) -> Path | None:
 
 def load_student(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(``T2INet`` student in eval mode with its DAR routers, export info) from an export folder."""
+    # lazy: diffusers takes seconds to import; `dmd-dar sample` of a class-conditional model imports this module
     import diffusers
 
+    # lazy: dmd_dar.backbones imports diffusers
     from dmd_dar.backbones import wrap_with_dar
-    from dmd_dar.t2i.families import FAMILIES, T2INet
-    from dmd_dar.t2i.loading import torch_dtype
 
     folder = Path(folder)
     info = read_info(folder)

@@ -55,6 +55,21 @@ class Family:
     lora_targets: tuple[str, ...]  # peft target module names (linear layers of attention and MLP)
     has_text: bool = True  # DiT is class-conditional: "prompts" are ImageNet class names
 
+    @torch.no_grad()
+    def decode_latents(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One batch of latents through this family's VAE: [B, C, h, w] -> [B, 3, H, W] in [-1, 1] (float32)."""
+        cfg = vae.config
+        dtype = next(vae.parameters()).dtype
+        x = x.to(device=next(vae.parameters()).device, dtype=torch.float32)
+        if self.name == "qwenimage":  # a video VAE (one frame) normalising latents per channel by mean / std
+            mean = torch.tensor(cfg.latents_mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(cfg.latents_std, device=x.device).view(1, -1, 1, 1)
+            img = vae.decode((x * std + mean).to(dtype)[:, :, None], return_dict=False)[0][:, :, 0]
+        else:
+            shift = getattr(cfg, "shift_factor", None) or 0.0
+            img = vae.decode((x / cfg.scaling_factor + shift).to(dtype), return_dict=False)[0]
+        return img.float().clamp(-1, 1)
+
 
 _ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 FAMILIES = {

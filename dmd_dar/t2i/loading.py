@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dmd_dar.errors import UserError
 from dmd_dar.t2i.families import FAMILY_OF_CLASS, Family, family_for
 
@@ -26,8 +28,6 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def torch_dtype(name: str):
-    import torch
-
     key = DTYPES.get(str(name).lower())
     if key is None:
         raise UserError(f"t2i.dtype={name!r}; choose one of float32, bfloat16, float16")
@@ -73,6 +73,7 @@ def pipeline_index(source: str, local_only: bool, revision: str | None = None,
     path = Path(source)
     if path.is_dir():
         return json.loads((path / "model_index.json").read_text())
+    # lazy: diffusers takes seconds to import; a local pipeline folder is read without it
     from diffusers import DiffusionPipeline
 
     try:
@@ -94,6 +95,7 @@ def family_from_index(index: dict[str, Any]) -> tuple[Family, str]:
                         f"distils transformer pipelines ({', '.join(sorted(FAMILY_OF_CLASS))})")
     class_name = str(entry[1])
     if class_name not in FAMILY_OF_CLASS:
+        # lazy: dmd_dar.backbones imports diffusers (seconds); only this error path needs its adapter listing
         from dmd_dar.backbones import adapter_for
 
         adapter_for(type(class_name, (), {})())  # a stand-in of that class name: raises the listing UserError
@@ -107,6 +109,7 @@ def text_components(index: dict[str, Any]) -> list[str]:
 def load_pipeline(source: str, local_only: bool, dtype, revision: str | None = None, cache_dir: str | None = None,
                   skip: list[str] | tuple[str, ...] = ()):
     """``DiffusionPipeline.from_pretrained`` with components in ``skip`` not loaded (None)."""
+    # lazy: diffusers takes seconds to import; only loading a pipeline needs it
     from diffusers import DiffusionPipeline
 
     try:

@@ -20,6 +20,7 @@ ADAPTER = "default"
 
 def add_lora(transformer: nn.Module, rank: int, alpha: float | None, targets: list[str] | tuple[str, ...]) -> None:
     """Inject LoRA (rank, alpha) into the linear layers named by ``targets`` and freeze everything else."""
+    # lazy: peft imports transformers (seconds); only LoRA runs need it
     from peft import LoraConfig
 
     present = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()}
@@ -37,12 +38,14 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float | None, targets: li
 
 
 def has_lora(module: nn.Module) -> bool:
+    # lazy: peft imports transformers (seconds); only LoRA runs need it
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    # lazy: peft imports transformers (seconds); only LoRA runs need it
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
@@ -63,6 +66,7 @@ def save_lora(transformer: nn.Module, folder: Path) -> Path:
 @torch.no_grad()
 def merge_lora(module: nn.Module) -> nn.Module:
     """Fold every LoRA layer of ``module`` into its base layer and put the base layer back (in place)."""
+    # lazy: peft imports transformers (seconds); only LoRA runs need it
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, sub in list(module.named_modules()):

@@ -10,13 +10,21 @@ from pathlib import Path
 
 import torch
 
+from dmd_dar.data.manifest import save_grid, save_png_folder
+from dmd_dar.diffusion.noise import make_noise
+from dmd_dar.diffusion.paths import make_path
+from dmd_dar.diffusion.samplers import few_step_sample, network_x0_fn
 from dmd_dar.errors import UserError
+from dmd_dar.t2i import embeddings as E
+from dmd_dar.t2i import loading as L
+from dmd_dar.t2i.export import load_student
+from dmd_dar.t2i.families import FAMILIES
+from dmd_dar.t2i.prompts import load_prompts
 from dmd_dar.training.seeding import derive_seed
+from dmd_dar.utils.device import resolve_device
 
 
 def _prompts(cfg) -> list[str]:
-    from dmd_dar.t2i.prompts import load_prompts
-
     prompts = []
     if cfg.prompt:
         prompts.append(str(cfg.prompt))
@@ -30,10 +38,6 @@ def _prompts(cfg) -> list[str]:
 
 def text_conditions(info: dict, prompts: list[str], device) -> tuple[dict, object]:
     """(per-prompt conditions, the VAE), from the cache or the teacher pipeline's encoders (freed after use)."""
-    from dmd_dar.t2i import embeddings as E
-    from dmd_dar.t2i import loading as L
-    from dmd_dar.t2i.families import FAMILIES
-
     family = FAMILIES[info["family"]]
     dtype = L.torch_dtype(info["dtype"])
     source, local_only = L.resolve_source(info["teacher"], info.get("local_files_only", False))
@@ -63,14 +67,6 @@ def text_conditions(info: dict, prompts: list[str], device) -> tuple[dict, objec
 
 def sample_t2i(cfg, folder: Path) -> Path:
     """Sample ``cfg.num_per_class`` images per prompt from a T2I export (``SampleConfig`` fields)."""
-    from dmd_dar.data.manifest import save_grid, save_png_folder
-    from dmd_dar.diffusion.paths import make_path
-    from dmd_dar.distill.t2i import decode_latents, student_sample
-    from dmd_dar.sampling import make_noise, resolve_device
-    from dmd_dar.t2i.embeddings import stack_conditions
-    from dmd_dar.t2i.export import load_student
-    from dmd_dar.t2i.families import FAMILIES
-
     device = resolve_device(cfg.device)
     prompts = _prompts(cfg)
     net, info = load_student(folder, device=device)
@@ -83,16 +79,16 @@ def sample_t2i(cfg, folder: Path) -> Path:
         chunk = jobs[start:start + cfg.batch_size]
         seeds = [derive_seed("sample", p, s) for p, s in chunk]
         if family.has_text:
-            cond = stack_conditions([conds[p] for p, _ in chunk], family)
+            cond = E.stack_conditions([conds[p] for p, _ in chunk], family)
         else:
             cond = {"class_labels": torch.stack([conds[p]["class_labels"] for p, _ in chunk])}
         cond = {k: v.to(device) for k, v in cond.items()}
         z = make_noise(seeds, tuple(info["latent_shape"]), device)
         gen = torch.Generator(device=device).manual_seed(derive_seed("renoise", seeds[0]))
         with torch.no_grad():
-            x = student_sample(net, path, cond, z, info["student_timesteps"], gen)
+            x = few_step_sample(network_x0_fn(net, path, cond), path, z, info["student_timesteps"], generator=gen)
             for i in range(0, x.shape[0], 4):  # the VAE decoder is the memory peak at 1024^2
-                images.append(decode_latents(vae, family.name, x[i:i + 4]).cpu())
+                images.append(family.decode_latents(vae, x[i:i + 4]).cpu())
         for (p, s), noise_seed in zip(chunk, seeds):
             records.append({"index": len(records), "seed": s, "noise_seed": noise_seed, "prompt_id": p,
                             "caption": prompts[p]})

@@ -22,6 +22,7 @@ _NUM_MERGES = 2000  # a prefix of CLIP's 48894 BPE merges: real tokenisation, sm
 @cache
 def _bpe_vocab() -> tuple[dict[str, int], list[str]]:
     """(vocab, merges) of a truncated CLIP BPE, built the way open_clip's SimpleTokenizer builds its own."""
+    # lazy: open_clip takes seconds to import; only tiny test pipelines need its BPE
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
@@ -33,6 +34,7 @@ def _bpe_vocab() -> tuple[dict[str, int], list[str]]:
 
 
 def tiny_tokenizer(max_length: int = 16):
+    # lazy: transformers takes seconds to import; only building a tiny pipeline needs it
     from transformers import CLIPTokenizer
 
     vocab, merges = _bpe_vocab()
@@ -40,6 +42,7 @@ def tiny_tokenizer(max_length: int = 16):
 
 
 def _clip(projection: bool, hidden: int = 16, projection_dim: int = 8):
+    # lazy: transformers takes seconds to import; only building a tiny pipeline needs it
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab, _ = _bpe_vocab()
@@ -51,6 +54,7 @@ def _clip(projection: bool, hidden: int = 16, projection_dim: int = 8):
 
 
 def _t5(d_model: int = 12):
+    # lazy: transformers takes seconds to import; only building a tiny pipeline needs it
     from transformers import T5Config, T5EncoderModel
 
     vocab, _ = _bpe_vocab()
@@ -61,6 +65,7 @@ def _t5(d_model: int = 12):
 
 
 def _vae(latent_channels: int, scaling_factor: float, shift_factor: float | None):
+    # lazy: diffusers takes seconds to import; only building a tiny pipeline needs it
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
@@ -78,6 +83,7 @@ def build_tiny_pipeline(family: str, folder: str | Path, seed: int = 0):
     DiT is class-conditional over 10 classes (prompts: integer class ids) with DiT-XL/2's learned sigma and
     per-block label embedders, on a linear-beta DDIM schedule.
     """
+    # lazy: diffusers takes seconds to import; only building a tiny pipeline needs it
     from diffusers import (
         DDIMScheduler,
         DiTPipeline,

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dmd_dar.data.folder import ImageFolderDataset
+from dmd_dar.data.procedural import ProceduralImages
 from dmd_dar.errors import UserError
+from dmd_dar.training.seeding import derive_seed
 
 SOURCES = ("procedural", "folder")
 
@@ -36,11 +39,7 @@ class DataConfig:
 def make_dataset(cfg: DataConfig, split: str = "train"):
     """The dataset a run trains on; items are (image [3,H,W] in [-1,1], class_id, caption)."""
     if cfg.source == "procedural":
-        from dmd_dar.data.procedural import ProceduralImages
-
         return ProceduralImages(split=split, length=cfg.length, size=cfg.image_size, seed=cfg.seed)
-    from dmd_dar.data.folder import ImageFolderDataset
-
     return ImageFolderDataset(cfg.root, image_size=cfg.image_size, captions_file=cfg.captions)
 
 
@@ -50,8 +49,6 @@ def num_classes_of(dataset) -> int:
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The generator that picks the images of (step, rank): independent of every other random draw."""
-    from dmd_dar.training.seeding import derive_seed
-
     return torch.Generator().manual_seed(derive_seed(seed, "data", step, rank))
 
 

@@ -52,6 +52,8 @@ class RunConfig:
 
 def make_accelerator(run: RunConfig, project: str):
     """An ``accelerate.Accelerator`` for this run (DDP/FSDP come from ``accelerate launch``'s config)."""
+    # lazy: the config schemas import this module for RunConfig, and the DMD method (through its config) must
+    # not import accelerate
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -59,7 +61,7 @@ def make_accelerator(run: RunConfig, project: str):
     log_with = None if run.log_with == "none" else run.log_with
     if log_with == "wandb":
         try:
-            import wandb  # noqa: F401
+            import wandb  # noqa: F401  # lazy: an optional extra, only probed when asked for
         except ImportError as exc:
             raise UserError("run.log_with=wandb needs the wandb package: pip install 'dmd-dar[wandb]'") from exc
     _release_accelerator_state(run.mixed_precision)
@@ -83,7 +85,7 @@ def _release_accelerator_state(mixed_precision: str) -> None:
     teacher pretraining in the teacher config's bf16) must each get their own. Only that state is reset; the
     ``PartialState`` (process group, device) is kept.
     """
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState  # lazy: as in make_accelerator
 
     previous = AcceleratorState._shared_state.get("_mixed_precision")
     if previous is not None and previous != mixed_precision:

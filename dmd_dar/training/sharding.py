@@ -35,9 +35,9 @@ def fsdp_requested() -> bool:
 
 
 def is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
+    # accelerate's DistributedType is a str enum: comparing with its value keeps this module, which the DMD method
+    # imports (forward_module, is_sharded), free of accelerate
+    return accelerator.distributed_type == "FSDP"
 
 
 def check_distribution(accelerator, command: str, fsdp_supported: bool = True) -> None:
@@ -76,6 +76,7 @@ def _sharded_strategy(accelerator) -> bool:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` is an FSDP wrapper (its root parameters are pieces, gathered in its pre-forward hook)."""
+    # lazy: torch.distributed.fsdp takes ~1.5 s to import, and an unsharded run never builds one
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return isinstance(model, FullyShardedDataParallel)

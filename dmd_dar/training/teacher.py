@@ -14,8 +14,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
+from dmd_dar.artifact import (
+    ArtifactMeta,
+    DiffusionConfig,
+    generate,
+    load_artifact,
+    resolve_checkpoint,
+    save_artifact,
+)
 from dmd_dar.config import check_resume_config, diff_configs, save_config, to_yaml
+from dmd_dar.data.manifest import save_grid
 from dmd_dar.diffusion.objective import denoising_loss
 from dmd_dar.diffusion.timesteps import sample_timesteps
 from dmd_dar.errors import UserError
@@ -156,9 +164,6 @@ def load_initial_weights(model, cfg: TeacherConfig) -> Path:
     """Copy an exported teacher's weights (``cfg.init_from``) into ``model``: the starting point of a fine-tuning
     run. The export must have the same architecture (``model.*``, training-only keys aside) and the same noise
     path and prediction; anything else is a ``UserError`` that names the keys to change."""
-    from dmd_dar.artifact import load_artifact
-    from dmd_dar.sampling import resolve_checkpoint
-
     folder = resolve_checkpoint(cfg.init_from)
     source, meta = load_artifact(folder)
     if meta.role != "teacher":
@@ -181,9 +186,6 @@ def load_initial_weights(model, cfg: TeacherConfig) -> Path:
 
 @torch.no_grad()
 def _sample_grid(model, cfg: TeacherConfig, class_names: list[str], path: Path, per_class: int = 8) -> None:
-    from dmd_dar.data.manifest import save_grid
-    from dmd_dar.sampling import generate
-
     model.eval()
     n_cls = max(cfg.model.num_classes, 1)
     labels = torch.arange(n_cls).repeat_interleave(per_class)

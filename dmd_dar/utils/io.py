@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -76,8 +77,6 @@ def iter_jsonl_objects(path: str | os.PathLike):
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 hex digest of a file's bytes."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

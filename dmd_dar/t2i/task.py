@@ -30,17 +30,25 @@ import gc
 from pathlib import Path
 
 import torch
+from accelerate import PartialState, cpu_offload
 from torch import nn
 
+from dmd_dar.backbones import wrap_with_dar
+from dmd_dar.diffusion.noise import make_noise
 from dmd_dar.diffusion.paths import make_path
-from dmd_dar.diffusion.samplers import few_step_sample, guided, sample_ode, student_timesteps
+from dmd_dar.diffusion.samplers import few_step_sample, guided, network_x0_fn, sample_ode, student_timesteps
 from dmd_dar.distill.denoiser import Denoiser
-from dmd_dar.distill.task import Batch, DistillTask, disable_dropout
+from dmd_dar.distill.method import Batch
+from dmd_dar.distill.task import DistillTask, disable_dropout
 from dmd_dar.errors import UserError
+from dmd_dar.models import param_groups
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.t2i import embeddings as E
 from dmd_dar.t2i import loading as L
+from dmd_dar.t2i import memory as M
+from dmd_dar.t2i.export import export_student
 from dmd_dar.t2i.families import T2INet
+from dmd_dar.t2i.lora import add_lora
 from dmd_dar.t2i.prompts import load_prompt_sources
 from dmd_dar.training.seeding import derive_seed
 from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
@@ -68,8 +76,6 @@ class _Teacher(T2INet):
     def forward(self, x_t, t, cond):
         if not self._placed:
             if self._offload and self._device.type != "cpu":
-                from accelerate import cpu_offload
-
                 cpu_offload(self.model, execution_device=self._device)
             else:
                 self.model.to(self._device)
@@ -234,9 +240,6 @@ class DiffusersT2ITask(DistillTask):
         probability zeroed (``disable_dropout``: DiT's per-block label dropout, any attention / FF / LoRA dropout),
         so it runs in ``.train()`` as in ``.eval()``; the second call (the fake score, after the student) prints
         the memory estimate."""
-        from dmd_dar.backbones import wrap_with_dar
-        from dmd_dar.t2i.lora import add_lora
-
         tc = self.tc
         model = copy.deepcopy(self.transformer)
         wrapped = wrap_with_dar(model, routing, route_text=tc.route_text)
@@ -262,8 +265,6 @@ class DiffusersT2ITask(DistillTask):
         return net
 
     def param_groups(self, net, lr, routing_lr, weight_decay):
-        from dmd_dar.models import param_groups
-
         return param_groups(net, lr, routing_lr, weight_decay)
 
     def draw(self, batch_size, gen, device, need_real) -> Batch:
@@ -284,14 +285,12 @@ class DiffusersT2ITask(DistillTask):
         """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1] (float32)."""
         out = []
         for i in range(0, x.shape[0], self.tc.sample_batch_size):
-            out.append(decode_latents(self.vae, self.family.name, x[i:i + self.tc.sample_batch_size]))
+            out.append(self.family.decode_latents(self.vae, x[i:i + self.tc.sample_batch_size]))
         return torch.cat(out)
 
     @torch.no_grad()
     def sample(self, net: nn.Module, cond, seeds: list[int], as_teacher: bool = False) -> torch.Tensor:
         """Latents: the student's few-step samples, or (``as_teacher``) teacher ODE samples with guidance."""
-        from dmd_dar.sampling import make_noise
-
         out = []
         bs = self.tc.sample_batch_size
         for i in range(0, len(seeds), bs):
@@ -301,7 +300,8 @@ class DiffusersT2ITask(DistillTask):
                 out.append(self._teacher_sample(c, z))
             else:
                 gen = torch.Generator(device=self.device).manual_seed(derive_seed("renoise", seeds[i]))
-                out.append(student_sample(net, self.path, c, z, self.student_times, gen))
+                out.append(few_step_sample(network_x0_fn(net, self.path, c), self.path, z, self.student_times,
+                                           generator=gen))
         return torch.cat(out)
 
     def _teacher_sample(self, cond: dict, z: torch.Tensor) -> torch.Tensor:
@@ -334,14 +334,10 @@ class DiffusersT2ITask(DistillTask):
         return ref
 
     def export(self, net: nn.Module, folder: Path) -> Path:
-        from dmd_dar.t2i.export import export_student
-
         return export_student(net, Path(folder), self)
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def print_memory_estimate(self, student: nn.Module, fake: nn.Module, checkpointing: bool) -> dict[str, float]:
-        from dmd_dar.t2i import memory as M
-
         fb = torch.finfo(self.dtype).bits // 8
         tb = torch.finfo(self.train_dtype).bits // 8
         mixed = self.cfg.run.mixed_precision
@@ -364,36 +360,9 @@ class DiffusersT2ITask(DistillTask):
         return est
 
 
-def student_sample(net: nn.Module, path, cond: dict, z: torch.Tensor, times: list[float],
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """DMD2 few-step sampling of a T2I student (predict x0, re-noise with fresh noise to the next time)."""
-    def x0_fn(x_t, t):
-        return path.pred_to_x0(net(x_t, t, cond), x_t, t).to(x_t.dtype)
-
-    return few_step_sample(x0_fn, path, z, times, generator=generator)
-
-
-@torch.no_grad()
-def decode_latents(vae: nn.Module, family: str, x: torch.Tensor) -> torch.Tensor:
-    """One batch of latents through the family's VAE: [B, C, h, w] -> [B, 3, H, W] in [-1, 1]."""
-    cfg = vae.config
-    dtype = next(vae.parameters()).dtype
-    x = x.to(device=next(vae.parameters()).device, dtype=torch.float32)
-    if family == "qwenimage":
-        mean = torch.tensor(cfg.latents_mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=x.device).view(1, -1, 1, 1)
-        img = vae.decode((x * std + mean).to(dtype)[:, :, None], return_dict=False)[0][:, :, 0]
-    else:
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        img = vae.decode((x / cfg.scaling_factor + shift).to(dtype), return_dict=False)[0]
-    return img.float().clamp(-1, 1)
-
-
 def _print(msg: str) -> None:
     """Print on the main process only (the task is built on every rank)."""
     try:
-        from accelerate import PartialState
-
         if not PartialState().is_main_process:
             return
     except Exception:  # no accelerate state yet: a plain script
