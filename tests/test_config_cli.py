@@ -1,11 +1,18 @@
 """Config layering, validation messages and the CLI surface."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from dmd_dar.cli import COMMANDS, main, resolve
 from dmd_dar.config import build_config
 from dmd_dar.distill.config import DistillConfig
 from dmd_dar.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_command_has_help(capsys):
@@ -97,3 +104,17 @@ def test_runs_in_one_process_may_change_mixed_precision(tmp_path):
     for precision in ("no", "bf16", "no"):
         run = RunConfig(out_dir=str(tmp_path / precision), mixed_precision=precision, log_with="none", cpu=True)
         assert make_accelerator(run, "test").mixed_precision == precision
+
+
+def _python_m_dmd_dar(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dmd_dar", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+
+
+def test_python_m_dmd_dar_is_the_cli(capsys):
+    assert main(["distill", "--dry-run", "method.ttur=4"]) == 0
+    in_process = capsys.readouterr().out
+    done = _python_m_dmd_dar("distill", "--dry-run", "method.ttur=4")
+    assert done.returncode == 0 and done.stdout == in_process
+    bad = _python_m_dmd_dar("distill", "--dry-run", "method.tturr=4")
+    assert bad.returncode == 2 and "dmd-dar distill: error: " in bad.stderr and "method.tturr" in bad.stderr
