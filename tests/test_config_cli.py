@@ -118,3 +118,10 @@ def test_python_m_dmd_dar_is_the_cli(capsys):
     assert done.returncode == 0 and done.stdout == in_process
     bad = _python_m_dmd_dar("distill", "--dry-run", "method.tturr=4")
     assert bad.returncode == 2 and "dmd-dar distill: error: " in bad.stderr and "method.tturr" in bad.stderr
+
+
+def test_teacher_kind_accepts_only_its_choices(capsys):
+    assert main(["distill", "--dry-run", "networks.teacher_kind=foo"]) == 2
+    err = capsys.readouterr().err
+    assert "networks.teacher_kind='foo'" in err and "native, diffusers" in err
+    assert main(["distill", "--dry-run", "networks.teacher_kind=diffusers"]) == 0

@@ -13,6 +13,7 @@ from dmd_dar.training.run import RunConfig
 
 REGRESSION_KINDS = ("mse", "lpips")
 GAN_FEATURES = ("final", "mid")
+TEACHER_KINDS = ("native", "diffusers")
 
 
 @dataclass
@@ -66,6 +67,11 @@ class NetworksConfig:
         default_factory=lambda: RoutingConfig(kind="dar", query="static_t", chunk_size=4))  # the paper's default
     fake_routing: RoutingConfig = field(default_factory=RoutingConfig)  # residual: a plain copy of the teacher
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # The trainer picks the diffusers path for anything that is not "native": a typo must not select it.
+        if self.teacher_kind not in TEACHER_KINDS:
+            raise UserError(f"networks.teacher_kind={self.teacher_kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
 
 
 @dataclass
