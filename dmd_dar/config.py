@@ -11,6 +11,7 @@ YAML is parsed with OmegaConf (safe loading); no code from a config is ever exec
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from dmd_dar.errors import UserError
+from dmd_dar.errors import UserError, config_section
 from dmd_dar.utils.io import atomic_write_text
 
 T = TypeVar("T")
@@ -85,9 +86,35 @@ def build_config(schema: type[T], layers: list[str | Path] = (), overrides: list
     if missing:
         raise UserError(f"config keys without a value: {', '.join(missing)}; set them with key=value")
     try:
-        return OmegaConf.to_object(cfg)  # runs each dataclass's __post_init__ validation
+        return _instantiate(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, base, "config") from exc
+
+
+def _instantiate(cfg: DictConfig) -> Any:
+    """``OmegaConf.to_object``, whose dataclass ``__post_init__`` methods validate, with each nested schema first
+    built on its own inside ``config_section(<its dotted path>)``.
+
+    A schema used at several places (``OptimConfig`` as ``generator_optim`` and ``fake_optim``, ``RoutingConfig`` as
+    ``networks.student_routing`` and ``model.routing``) then names the key the user wrote. Deepest first: a bad value
+    fails in the innermost schema that holds it, before any enclosing one rebuilds that schema under its own path.
+    """
+    for path, node in _schema_nodes(cfg, ""):
+        with config_section(path):
+            OmegaConf.to_object(node)
+    with config_section(""):
+        return OmegaConf.to_object(cfg)
+
+
+def _schema_nodes(node: DictConfig, prefix: str) -> list[tuple[str, DictConfig]]:
+    """The dataclass-typed nodes below ``node`` with their dotted paths, children before their parents."""
+    out: list[tuple[str, DictConfig]] = []
+    for key in node.keys():
+        child = node[key]
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            out += _schema_nodes(child, f"{prefix}{key}.")
+            out.append((f"{prefix}{key}", child))
+    return out
 
 
 def to_yaml(cfg: Any) -> str:

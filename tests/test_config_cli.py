@@ -11,6 +11,8 @@ from dmd_dar.cli import COMMANDS, main, resolve
 from dmd_dar.config import build_config
 from dmd_dar.distill.config import DistillConfig
 from dmd_dar.errors import UserError
+from dmd_dar.routing import RoutingConfig
+from dmd_dar.training.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,3 +127,25 @@ def test_teacher_kind_accepts_only_its_choices(capsys):
     err = capsys.readouterr().err
     assert "networks.teacher_kind='foo'" in err and "native, diffusers" in err
     assert main(["distill", "--dry-run", "networks.teacher_kind=diffusers"]) == 0
+
+
+@pytest.mark.parametrize("command, override, named", [
+    ("distill", "generator_optim.lr=-1", "generator_optim.lr=-1.0 must be > 0"),
+    ("distill", "fake_optim.lr=0", "fake_optim.lr=0.0 must be > 0"),
+    ("distill", "fake_optim.decay=linear", "fake_optim.decay='linear'"),
+    ("distill", "networks.student_routing.query=foo", "networks.student_routing.query='foo' is not valid"),
+    ("distill", "networks.fake_routing.chunk_size=0", "networks.fake_routing.chunk_size=0 must be >= 1"),
+    ("train-teacher", "model.routing.kind=foo", "model.routing.kind='foo' is not valid"),
+    ("train-teacher", "optim.warmup_steps=-1", "optim.warmup_steps=-1 must be >= 0"),
+])
+def test_shared_schemas_name_the_key_as_written(capsys, command, override, named):
+    """OptimConfig and RoutingConfig sit at several places; each error names the place the user wrote."""
+    assert main([command, "--dry-run", override]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_schemas_built_in_code_keep_their_usual_key_names():
+    with pytest.raises(UserError, match=r"^optim\.lr=-1 must be > 0"):
+        OptimConfig(lr=-1)
+    with pytest.raises(UserError, match=r"^routing\.query='foo'"):
+        RoutingConfig(query="foo")
