@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,9 +87,24 @@ def build_config(schema: type[T], layers: list[str | Path] = (), overrides: list
     if missing:
         raise UserError(f"config keys without a value: {', '.join(missing)}; set them with key=value")
     try:
+        _check_finite(OmegaConf.to_container(cfg, resolve=True))
         return _instantiate(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, base, "config") from exc
+
+
+def _check_finite(value: Any, key: str = "") -> None:
+    """Refuse nan and inf anywhere in a resolved config: YAML reads them as floats (``.nan``, and ``nan`` or
+    ``inf`` given to a float key), and no setting of any command means anything with them (a nan guidance scale
+    or learning rate trains on nan). Ranges of particular keys are their schema's ``__post_init__``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}={value}: config values must be finite numbers; set {key} to a finite value")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):  # tuple-typed fields (optim.betas) come back as tuples
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
 
 
 def _instantiate(cfg: DictConfig) -> Any:

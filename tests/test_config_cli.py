@@ -149,3 +149,48 @@ def test_schemas_built_in_code_keep_their_usual_key_names():
         OptimConfig(lr=-1)
     with pytest.raises(UserError, match=r"^routing\.query='foo'"):
         RoutingConfig(query="foo")
+
+
+@pytest.mark.parametrize("command, override, key", [
+    ("distill", "method.guidance_scale=nan", "method.guidance_scale"),
+    ("distill", "generator_optim.lr=inf", "generator_optim.lr"),
+    ("distill", "method.regression_weight=-inf", "method.regression_weight"),
+    ("distill", "method.guidance_interval=[0.2,nan]", "method.guidance_interval[1]"),
+    ("distill", "fake_optim.betas=[0.9,inf]", "fake_optim.betas[1]"),
+    ("train-teacher", "diffusion.cfg_scale=nan", "diffusion.cfg_scale"),
+    ("sample", "cfg_scale=inf", "cfg_scale"),
+    ("eval", "hf_cutoff=nan", "hf_cutoff"),
+    ("diagnose", "t_grid=[0.5,nan]", "t_grid[1]"),
+    ("train-clip", "lr=nan", "lr"),
+])
+def test_non_finite_floats_are_rejected_by_name(capsys, command, override, key):
+    assert main([command, "--dry-run", override]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {key}=" in err and "must be finite numbers" in err
+
+
+def test_non_finite_floats_in_a_yaml_layer_are_rejected(tmp_path):
+    layer = tmp_path / "nan.yaml"
+    layer.write_text("method:\n  dm_weight: .nan\n")
+    with pytest.raises(UserError, match=r"method\.dm_weight=nan"):
+        build_config(DistillConfig, [layer])
+
+
+@pytest.mark.parametrize("override, named", [
+    ("method.gan_weight=-0.1", "method.gan_weight=-0.1 must be >= 0"),
+    ("method.regression_weight=-1", "method.regression_weight=-1.0 must be >= 0"),
+    ("method.fake_t_min=1.0", "method.fake_t_min=1.0, method.fake_t_max=1.0: need 0 <= fake_t_min < fake_t_max"),
+    ("method.gan_max_t=0", "method.gan_max_t=0.0 must lie in (0, 1]"),
+    ("method.regression_steps=0", "method.regression_steps=0 must be >= 1"),
+    ("ema_decay=1.0", "ema_decay=1.0 must lie in [0, 1)"),
+    ("max_bad_steps=0", "max_bad_steps=0 must be >= 1"),
+    ("debug_grid_every=-1", "debug_grid_every=-1 must be >= 0"),
+    ("generator_optim.routing_lr=-1e-3", "generator_optim.routing_lr=-0.001 must be > 0"),
+    ("fake_optim.weight_decay=-0.1", "fake_optim.weight_decay=-0.1 must be >= 0"),
+    ("generator_optim.betas=[0.9,1.0]", "generator_optim.betas=[0.9, 1.0]: both must lie in [0, 1)"),
+    ("t2i.lora_alpha=0", "t2i.lora_alpha=0.0 must be > 0"),
+    ("t2i.reference_samples=-1", "t2i.reference_samples=-1 must be >= 0"),
+])
+def test_distill_ranges_are_checked_and_named(capsys, override, named):
+    assert main(["distill", "--dry-run", override]) == 2
+    assert named in capsys.readouterr().err

@@ -8,6 +8,7 @@ from dmd_dar.diffusion.samplers import check_guidance_interval
 from dmd_dar.errors import UserError
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.training.batches import DataConfig
+from dmd_dar.training.ema import check_decay
 from dmd_dar.training.optim import OptimConfig
 from dmd_dar.training.run import RunConfig
 
@@ -47,10 +48,19 @@ class MethodConfig:
         check_guidance_interval(self.guidance_interval, "method.guidance_interval")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise UserError(f"method.t_min={self.t_min}, method.t_max={self.t_max}: need 0 <= t_min < t_max <= 1")
+        if not 0.0 <= self.fake_t_min < self.fake_t_max <= 1.0:
+            raise UserError(f"method.fake_t_min={self.fake_t_min}, method.fake_t_max={self.fake_t_max}: need "
+                            f"0 <= fake_t_min < fake_t_max <= 1")
+        if not 0.0 < self.gan_max_t <= 1.0:
+            raise UserError(f"method.gan_max_t={self.gan_max_t} must lie in (0, 1]")
+        for key in ("dm_weight", "gan_weight", "gan_disc_weight", "regression_weight"):
+            if getattr(self, key) < 0:  # a negative weight turns its loss into one to maximise
+                raise UserError(f"method.{key}={getattr(self, key)} must be >= 0 (0 disables the term)")
         if self.ttur < 1:
             raise UserError(f"method.ttur={self.ttur} must be >= 1 (fake updates per generator update)")
-        if self.student_steps < 1:
-            raise UserError(f"method.student_steps={self.student_steps} must be >= 1")
+        for key in ("student_steps", "regression_pairs", "regression_steps"):
+            if getattr(self, key) < 1:
+                raise UserError(f"method.{key}={getattr(self, key)} must be >= 1")
         if self.regression_loss not in REGRESSION_KINDS:
             raise UserError(f"method.regression_loss={self.regression_loss!r}; choose one of mse, lpips")
         if self.gan_feature not in GAN_FEATURES:
@@ -113,6 +123,11 @@ class T2IConfig:
         for key in ("height", "width", "encode_batch_size", "grid_prompts", "sample_batch_size", "teacher_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"t2i.{key}={getattr(self, key)} must be >= 1")
+        if self.reference_samples < 0:
+            raise UserError(f"t2i.reference_samples={self.reference_samples} must be >= 0 (0 skips the reference)")
+        for key in ("shift", "lora_alpha", "max_sequence_length"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise UserError(f"t2i.{key}={getattr(self, key)} must be > 0, or null for the default")
 
 
 @dataclass
@@ -129,3 +144,13 @@ class DistillConfig:
     debug_grid_every: int = 300  # dump generator / real-score / fake-score x0 grids; 0 disables
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     t2i: T2IConfig = field(default_factory=T2IConfig)  # networks.teacher_kind=diffusers only
+
+    def __post_init__(self) -> None:
+        try:
+            check_decay(self.ema_decay)
+        except ValueError:
+            raise UserError(f"ema_decay={self.ema_decay} must lie in [0, 1) (0: no EMA)") from None
+        if self.debug_grid_every < 0:
+            raise UserError(f"debug_grid_every={self.debug_grid_every} must be >= 0 (0 disables the grids)")
+        if self.max_bad_steps < 1:
+            raise UserError(f"max_bad_steps={self.max_bad_steps} must be >= 1")

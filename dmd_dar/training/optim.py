@@ -31,6 +31,13 @@ class OptimConfig:
             raise UserError(f"{config_key('optim', 'decay')}={self.decay!r}; choose one of {', '.join(DECAYS)}")
         if self.lr <= 0:
             raise UserError(f"{config_key('optim', 'lr')}={self.lr} must be > 0")
+        if self.routing_lr is not None and self.routing_lr <= 0:
+            raise UserError(f"{config_key('optim', 'routing_lr')}={self.routing_lr} must be > 0, or null for lr")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"{config_key('optim', 'betas')}={list(self.betas)}: both must lie in [0, 1)")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{config_key('optim', key)}={getattr(self, key)} must be >= 0")
         if self.warmup_steps < 0:
             raise UserError(f"{config_key('optim', 'warmup_steps')}={self.warmup_steps} must be >= 0")
         if self.decay_steps is not None and self.decay_steps < 1:
