@@ -194,3 +194,18 @@ def test_non_finite_floats_in_a_yaml_layer_are_rejected(tmp_path):
 def test_distill_ranges_are_checked_and_named(capsys, override, named):
     assert main(["distill", "--dry-run", override]) == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, named", [
+    ("num_per_class=0", "num_per_class=0 must be >= 1"),
+    ("num_per_class=-1", "num_per_class=-1 must be >= 1"),
+    ("batch_size=0", "batch_size=0 must be >= 1"),
+    ("steps=0", "steps=0 must be >= 1, or null"),
+    ("classes=[]", "classes=[] selects no class"),
+])
+def test_sample_counts_are_checked_before_sampling(capsys, override, named):
+    """These used to reach the sampler (torch.cat of no images, range() with step 0, or 0 steps read as 'default');
+    --dry-run resolves, and so validates, exactly what a run would."""
+    assert main(["sample", "--dry-run", override]) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1
