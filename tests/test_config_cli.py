@@ -209,3 +209,14 @@ def test_sample_counts_are_checked_before_sampling(capsys, override, named):
     assert main(["sample", "--dry-run", override]) == 2
     err = capsys.readouterr().err
     assert named in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("override, named", [
+    ("batch_size=0", "batch_size=0 must be >= 1"),
+    ("spectral_bins=0", "spectral_bins=0 must be >= 1"),
+    ("grid_per_group=-1", "grid_per_group=-1 must be >= 1"),
+    ("diversity_max_per_group=1", "diversity_max_per_group=1 must be >= 2"),
+])
+def test_eval_counts_are_checked_before_evaluating(capsys, override, named):
+    assert main(["eval", "--dry-run", override]) == 2
+    assert named in capsys.readouterr().err
