@@ -6,13 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from dmd_dar.cli import COMMANDS, main, resolve
-from dmd_dar.config import build_config
-from dmd_dar.distill.config import DistillConfig
+from dmd_dar import cli
+from dmd_dar.cli import COMMANDS, CONFIG_DIR, find_command, main, resolve
+from dmd_dar.config import build_config, diff_configs, load_yaml
+from dmd_dar.distill.config import DistillConfig, MethodConfig
 from dmd_dar.errors import UserError
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.training.optim import OptimConfig
+from dmd_dar.training.run import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,3 +223,39 @@ def test_sample_counts_are_checked_before_sampling(capsys, override, named):
 def test_eval_counts_are_checked_before_evaluating(capsys, override, named):
     assert main(["eval", "--dry-run", override]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_distill_starts_from_the_main_job_yaml(tmp_path, monkeypatch):
+    """`dmd-dar distill` with no arguments is configs/distill_embedded.yaml over the schema's library defaults."""
+    recipe = (CONFIG_DIR / "distill_embedded.yaml").read_text()
+    assert "  ttur: 3\n" in recipe
+    (tmp_path / "distill_embedded.yaml").write_text(recipe.replace("  ttur: 3\n", "  ttur: 7\n"))
+    monkeypatch.setattr(cli, "CONFIG_DIR", tmp_path)
+    assert resolve(find_command("distill"), [], []).method.ttur == 7
+
+
+def test_the_main_job_recipe_is_written_only_in_its_yaml():
+    """The schema's defaults are the library's (plain DMD2, generic optimiser and run), and every value in which
+    `dmd-dar distill` differs from them is a key of configs/distill_embedded.yaml, with that file's value."""
+    defaults = DistillConfig()
+    assert defaults.method == MethodConfig() and defaults.method.regression_weight == 0.0
+    assert defaults.generator_optim == OptimConfig() and defaults.fake_optim == OptimConfig()
+    assert defaults.run.steps == RunConfig().steps and defaults.run.batch_size == RunConfig().batch_size
+    main_job = resolve(find_command("distill"), [], [])
+    recipe = load_yaml(CONFIG_DIR / "distill_embedded.yaml")
+    changed = diff_configs(defaults, main_job)
+    assert {"method.ttur", "method.regression_weight", "generator_optim.warmup_steps", "run.steps"} <= set(changed)
+    main_job_values = OmegaConf.structured(main_job)
+    for key in changed:
+        assert OmegaConf.select(recipe, key) == OmegaConf.select(main_job_values, key), key
+
+
+def test_a_default_layer_is_read_from_configs_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "distill_embedded.yaml").write_text("method:\n  ttur: 9\n")  # a file of that name here is not it
+    assert resolve(find_command("distill"), [], []).method.ttur == 3
+    monkeypatch.setattr(cli, "CONFIG_DIR", tmp_path / "no_configs")  # a non-editable install has no configs/
+    assert main(["distill", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "distill_embedded.yaml: the default config layer of dmd-dar distill is missing" in err
+    assert err.count("\n") == 1

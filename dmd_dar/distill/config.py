@@ -132,14 +132,19 @@ class T2IConfig:
 
 @dataclass
 class DistillConfig:
+    """Library defaults: plain DMD2 (``MethodConfig``) with a DAR student and the generic optimiser and run settings.
+
+    The main job's recipe is not here: ``dmd-dar distill`` starts from ``configs/distill_embedded.yaml`` (its
+    command's default layer, see ``dmd_dar.cli``), the only place that recipe is written. Code that wants what the
+    command runs resolves through ``dmd_dar.cli.resolve``; ``build_config(DistillConfig, ...)`` starts from these.
+    """
+
     networks: NetworksConfig = field(default_factory=NetworksConfig)
-    # The main job's recipe (see configs/distill_embedded.yaml); MethodConfig's own defaults are plain DMD2.
-    method: MethodConfig = field(default_factory=lambda: MethodConfig(ttur=3, regression_weight=0.5))
+    method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)  # real images: GAN and no-backsim few-step inputs
-    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
-    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill", steps=1200, batch_size=16,
-                                                            sample_every=300, ckpt_every=300))
+    generator_optim: OptimConfig = field(default_factory=OptimConfig)
+    fake_optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill"))
     ema_decay: float = 0.99  # 0: no EMA, grids and export use the raw student (FSDP: per-shard EMA)
     debug_grid_every: int = 300  # dump generator / real-score / fake-score x0 grids; 0 disables
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
