@@ -2,7 +2,9 @@
 
     dmd-dar <command> [-c layer.yaml ...] [--dry-run] [key=value ...]
 
-Config layers and overrides are applied in order on top of the command's defaults (see ``dmd_dar.config``).
+Config layers and overrides are applied in order on top of the command's defaults (see ``dmd_dar.config``): its
+schema's defaults, then its default layers under configs/ (``distill``: the main job, configs/distill_embedded.yaml).
+``python -m dmd_dar`` is the same entry point.
 ``--dry-run`` prints the resolved config and exits. Bad input exits with status 2 and a one-line message.
 """
 
