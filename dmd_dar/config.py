@@ -7,7 +7,8 @@ Every command has a dataclass schema (defined beside the code that uses it). A r
 Unknown keys and wrong types are rejected with a message that names the key and lists the valid ones; nan and inf
 are rejected for every key, and each schema's own range checks name the key as the user wrote it (a shared schema
 such as ``OptimConfig`` included: ``generator_optim.lr``). The resolved config is saved as ``config.yaml`` in
-every run directory, so a run can be repeated from it alone. YAML is parsed with OmegaConf (safe loading); no code from a config is ever executed.
+every run directory, so a run can be repeated from it alone. YAML is parsed with OmegaConf (safe loading); no code
+from a config is ever executed.
 """
 
 from __future__ import annotations
