@@ -2,7 +2,9 @@
 
     dmd-dar <command> [-c layer.yaml ...] [--dry-run] [key=value ...]
 
-Config layers and overrides are applied in order on top of the command's defaults (see ``dmd_dar.config``).
+Config layers and overrides are applied in order on top of the command's defaults (see ``dmd_dar.config``): its
+schema's defaults, then its default layers under configs/ (``distill``: the main job, configs/distill_embedded.yaml).
+``python -m dmd_dar`` is the same entry point.
 ``--dry-run`` prints the resolved config and exits. Bad input exits with status 2 and a one-line message.
 """
 
@@ -26,14 +28,15 @@ class Command:
     help: str
     schema: str  # "module:Class"
     runner: str  # "module:function"
-    default_layers: tuple[str, ...] = ()  # files under configs/, applied before the user's layers
+    default_layers: tuple[str, ...] = ()  # files under configs/, applied before the user's layers (a recipe)
 
 
 COMMANDS = [
     Command("train-teacher", "Train a diffusion transformer teacher (the embedded default: on procedural images).",
             "dmd_dar.training.teacher:TeacherConfig", "dmd_dar.training.teacher:run"),
     Command("distill", "DMD2-distill a teacher into a one- or few-step (DAR) student.",
-            "dmd_dar.distill.config:DistillConfig", "dmd_dar.distill.trainer:run"),
+            "dmd_dar.distill.config:DistillConfig", "dmd_dar.distill.trainer:run",
+            default_layers=("distill_embedded.yaml",)),  # the main job's recipe, written only there
     Command("sample", "Sample a PNG grid and a folder of PNGs with a manifest from any checkpoint.",
             "dmd_dar.sampling:SampleConfig", "dmd_dar.sampling:run"),
     Command("eval", "Evaluate folders of images: spectral detail, CLIP score, LPIPS, FD/CMMD; writes a report.",
@@ -64,6 +67,16 @@ def _layer_path(name: str) -> Path:
     raise UserError(f"{name}: config file not found (looked here and in {CONFIG_DIR}); pass an existing YAML file")
 
 
+def _default_layer_path(command: Command, name: str) -> Path:
+    """A command's default layer: only ever the file under configs/ (a file of that name here must not replace it)."""
+    path = CONFIG_DIR / name
+    if not path.is_file():
+        # configs/ sits beside the package in a source checkout; a non-editable install does not ship it (yet)
+        raise UserError(f"{path}: the default config layer of dmd-dar {command.name} is missing; run from a "
+                        f"source checkout or an editable install (pip install -e .), which has configs/")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmd-dar",
@@ -71,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and an evaluation suite for fine detail.")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help + " Settings are config keys: "
+        starts = "".join(f" Starts from configs/{name}." for name in cmd.default_layers)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help + starts + " Settings are config keys: "
                            "give YAML layers with -c and key=value overrides; --dry-run shows them all.")
         p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
                        help="config layer (repeatable; later layers win); a path or a name under configs/")
@@ -80,11 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def find_command(name: str) -> Command:
+    """The command called ``name`` (``distill``, ``sample`` ...)."""
+    found = [c for c in COMMANDS if c.name == name]
+    if not found:
+        raise UserError(f"unknown command {name!r}; choose one of {', '.join(c.name for c in COMMANDS)}")
+    return found[0]
+
+
 def resolve(command: Command, layers: list[str], overrides: list[str]):
+    """The validated config ``dmd-dar <command> -c <layers> <overrides>`` runs: the command's default layers, then
+    ``layers``, then ``overrides``, on top of its schema's defaults."""
     # lazy: dmd_dar.config imports torch (seconds), which `dmd-dar --help` never needs
     from dmd_dar.config import build_config
 
-    paths = [_layer_path(n) for n in (*command.default_layers, *layers)]
+    paths = [_default_layer_path(command, n) for n in command.default_layers] + [_layer_path(n) for n in layers]
     return build_config(_load(command.schema), paths, overrides)
 
 
@@ -94,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    command = next(c for c in COMMANDS if c.name == args.command)
+    command = find_command(args.command)
     try:
         cfg = resolve(command, args.config, args.overrides)
         if args.dry_run:

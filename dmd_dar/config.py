@@ -4,21 +4,25 @@ Every command has a dataclass schema (defined beside the code that uses it). A r
 
     schema defaults  <-  YAML layer 1  <-  YAML layer 2 ...  <-  command-line ``key=value`` overrides
 
-Unknown keys and wrong types are rejected with a message that names the key and lists the valid ones. The
-resolved config is saved as ``config.yaml`` in every run directory, so a run can be repeated from it alone.
-YAML is parsed with OmegaConf (safe loading); no code from a config is ever executed.
+Unknown keys and wrong types are rejected with a message that names the key and lists the valid ones; nan and inf
+are rejected for every key, and each schema's own range checks name the key as the user wrote it (a shared schema
+such as ``OptimConfig`` included: ``generator_optim.lr``). The resolved config is saved as ``config.yaml`` in
+every run directory, so a run can be repeated from it alone. YAML is parsed with OmegaConf (safe loading); no code
+from a config is ever executed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from dmd_dar.errors import UserError
+from dmd_dar.errors import UserError, config_section
 from dmd_dar.utils.io import atomic_write_text
 
 T = TypeVar("T")
@@ -85,9 +89,50 @@ def build_config(schema: type[T], layers: list[str | Path] = (), overrides: list
     if missing:
         raise UserError(f"config keys without a value: {', '.join(missing)}; set them with key=value")
     try:
-        return OmegaConf.to_object(cfg)  # runs each dataclass's __post_init__ validation
+        _check_finite(OmegaConf.to_container(cfg, resolve=True))
+        return _instantiate(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, base, "config") from exc
+
+
+def _check_finite(value: Any, key: str = "") -> None:
+    """Refuse nan and inf anywhere in a resolved config: YAML reads them as floats (``.nan``, and ``nan`` or
+    ``inf`` given to a float key), and no setting of any command means anything with them (a nan guidance scale
+    or learning rate trains on nan). Ranges of particular keys are their schema's ``__post_init__``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}={value}: config values must be finite numbers; set {key} to a finite value")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):  # tuple-typed fields (optim.betas) come back as tuples
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
+def _instantiate(cfg: DictConfig) -> Any:
+    """``OmegaConf.to_object``, whose dataclass ``__post_init__`` methods validate, with each nested schema first
+    built on its own inside ``config_section(<its dotted path>)``.
+
+    A schema used at several places (``OptimConfig`` as ``generator_optim`` and ``fake_optim``, ``RoutingConfig`` as
+    ``networks.student_routing`` and ``model.routing``) then names the key the user wrote. Deepest first: a bad value
+    fails in the innermost schema that holds it, before any enclosing one rebuilds that schema under its own path.
+    """
+    for path, node in _schema_nodes(cfg, ""):
+        with config_section(path):
+            OmegaConf.to_object(node)
+    with config_section(""):
+        return OmegaConf.to_object(cfg)
+
+
+def _schema_nodes(node: DictConfig, prefix: str) -> list[tuple[str, DictConfig]]:
+    """The dataclass-typed nodes below ``node`` with their dotted paths, children before their parents."""
+    out: list[tuple[str, DictConfig]] = []
+    for key in node.keys():
+        child = node[key]
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            out += _schema_nodes(child, f"{prefix}{key}.")
+            out.append((f"{prefix}{key}", child))
+    return out
 
 
 def to_yaml(cfg: Any) -> str:

@@ -44,6 +44,14 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_guidance_interval(self.cfg_interval)
+        if self.num_per_class < 1:
+            raise UserError(f"num_per_class={self.num_per_class} must be >= 1 (images per class or prompt)")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size={self.batch_size} must be >= 1 (images per forward pass)")
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"steps={self.steps} must be >= 1, or null for the model's default")
+        if self.classes is not None and not self.classes:
+            raise UserError("classes=[] selects no class; list class ids or names, or null for every class")
 
 
 def resolve_classes(spec: list[Any] | None, class_names: list[str], num_classes: int) -> list[int]:

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dmd_dar.artifact import generate  # noqa: E402
-from dmd_dar.config import build_config  # noqa: E402
+from dmd_dar.cli import find_command, resolve  # noqa: E402
 from dmd_dar.diffusion.objective import denoising_loss  # noqa: E402
 from dmd_dar.distill import trainer  # noqa: E402
 from dmd_dar.distill.config import DistillConfig  # noqa: E402
@@ -204,7 +204,7 @@ def bench_config(args, device: torch.device, out_dir: Path) -> DistillConfig:
                  "method.regression_weight=0", "method.gan_weight=0", "run.sample_every=0", "run.ckpt_every=0",
                  "debug_grid_every=0", "run.log_with=none", "run.progress=false", "run.resume=false",
                  f"run.cpu={'true' if device.type == 'cpu' else 'false'}"]
-    return build_config(DistillConfig, [], overrides)
+    return resolve(find_command("distill"), [], overrides)  # on top of the main job's recipe, as dmd-dar distill
 
 
 def bench_iteration(args, cfg: DistillConfig, task: NativeTask, device: torch.device) -> dict:

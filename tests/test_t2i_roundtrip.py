@@ -81,10 +81,9 @@ def test_sample_prompt_needs_a_t2i_student(root):
 _WORKER = r"""
 import os, sys
 from safetensors.torch import save_file
-from dmd_dar.config import build_config
+from dmd_dar.cli import find_command, resolve
 from dmd_dar.distill import trainer
 from dmd_dar.t2i import task as t2i
-from dmd_dar.distill.config import DistillConfig
 
 built = []
 orig = t2i.DiffusersT2ITask.build_network
@@ -93,7 +92,7 @@ def record(self, *a, **k):
     built.append(net)
     return net
 t2i.DiffusersT2ITask.build_network = record
-trainer.run(build_config(DistillConfig, [], sys.argv[2:]))
+trainer.run(resolve(find_command("distill"), [], sys.argv[2:]))  # the config `dmd-dar distill` runs (FSDP twin)
 rank = os.environ.get("RANK", "0")
 assert os.environ.get("WORLD_SIZE") == "2", os.environ.get("WORLD_SIZE")
 save_file({k: v.contiguous() for k, v in built[0].state_dict().items()}, f"{sys.argv[1]}/student_rank{rank}.safetensors")

@@ -8,11 +8,13 @@ from dmd_dar.diffusion.samplers import check_guidance_interval
 from dmd_dar.errors import UserError
 from dmd_dar.routing import RoutingConfig
 from dmd_dar.training.batches import DataConfig
+from dmd_dar.training.ema import check_decay
 from dmd_dar.training.optim import OptimConfig
 from dmd_dar.training.run import RunConfig
 
 REGRESSION_KINDS = ("mse", "lpips")
 GAN_FEATURES = ("final", "mid")
+TEACHER_KINDS = ("native", "diffusers")
 
 
 @dataclass
@@ -46,10 +48,19 @@ class MethodConfig:
         check_guidance_interval(self.guidance_interval, "method.guidance_interval")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise UserError(f"method.t_min={self.t_min}, method.t_max={self.t_max}: need 0 <= t_min < t_max <= 1")
+        if not 0.0 <= self.fake_t_min < self.fake_t_max <= 1.0:
+            raise UserError(f"method.fake_t_min={self.fake_t_min}, method.fake_t_max={self.fake_t_max}: need "
+                            f"0 <= fake_t_min < fake_t_max <= 1")
+        if not 0.0 < self.gan_max_t <= 1.0:
+            raise UserError(f"method.gan_max_t={self.gan_max_t} must lie in (0, 1]")
+        for key in ("dm_weight", "gan_weight", "gan_disc_weight", "regression_weight"):
+            if getattr(self, key) < 0:  # a negative weight turns its loss into one to maximise
+                raise UserError(f"method.{key}={getattr(self, key)} must be >= 0 (0 disables the term)")
         if self.ttur < 1:
             raise UserError(f"method.ttur={self.ttur} must be >= 1 (fake updates per generator update)")
-        if self.student_steps < 1:
-            raise UserError(f"method.student_steps={self.student_steps} must be >= 1")
+        for key in ("student_steps", "regression_pairs", "regression_steps"):
+            if getattr(self, key) < 1:
+                raise UserError(f"method.{key}={getattr(self, key)} must be >= 1")
         if self.regression_loss not in REGRESSION_KINDS:
             raise UserError(f"method.regression_loss={self.regression_loss!r}; choose one of mse, lpips")
         if self.gan_feature not in GAN_FEATURES:
@@ -66,6 +77,11 @@ class NetworksConfig:
         default_factory=lambda: RoutingConfig(kind="dar", query="static_t", chunk_size=4))  # the paper's default
     fake_routing: RoutingConfig = field(default_factory=RoutingConfig)  # residual: a plain copy of the teacher
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # The trainer picks the diffusers path for anything that is not "native": a typo must not select it.
+        if self.teacher_kind not in TEACHER_KINDS:
+            raise UserError(f"networks.teacher_kind={self.teacher_kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
 
 
 @dataclass
@@ -107,19 +123,39 @@ class T2IConfig:
         for key in ("height", "width", "encode_batch_size", "grid_prompts", "sample_batch_size", "teacher_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"t2i.{key}={getattr(self, key)} must be >= 1")
+        if self.reference_samples < 0:
+            raise UserError(f"t2i.reference_samples={self.reference_samples} must be >= 0 (0 skips the reference)")
+        for key in ("shift", "lora_alpha", "max_sequence_length"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise UserError(f"t2i.{key}={getattr(self, key)} must be > 0, or null for the default")
 
 
 @dataclass
 class DistillConfig:
+    """Library defaults: plain DMD2 (``MethodConfig``) with a DAR student and the generic optimiser and run settings.
+
+    The main job's recipe is not here: ``dmd-dar distill`` starts from ``configs/distill_embedded.yaml`` (its
+    command's default layer, see ``dmd_dar.cli``), the only place that recipe is written. Code that wants what the
+    command runs resolves through ``dmd_dar.cli.resolve``; ``build_config(DistillConfig, ...)`` starts from these.
+    """
+
     networks: NetworksConfig = field(default_factory=NetworksConfig)
-    # The main job's recipe (see configs/distill_embedded.yaml); MethodConfig's own defaults are plain DMD2.
-    method: MethodConfig = field(default_factory=lambda: MethodConfig(ttur=3, regression_weight=0.5))
+    method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)  # real images: GAN and no-backsim few-step inputs
-    generator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
-    fake_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=20, grad_clip=10.0))
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill", steps=1200, batch_size=16,
-                                                            sample_every=300, ckpt_every=300))
+    generator_optim: OptimConfig = field(default_factory=OptimConfig)
+    fake_optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/distill"))
     ema_decay: float = 0.99  # 0: no EMA, grids and export use the raw student (FSDP: per-shard EMA)
     debug_grid_every: int = 300  # dump generator / real-score / fake-score x0 grids; 0 disables
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
     t2i: T2IConfig = field(default_factory=T2IConfig)  # networks.teacher_kind=diffusers only
+
+    def __post_init__(self) -> None:
+        try:
+            check_decay(self.ema_decay)
+        except ValueError:
+            raise UserError(f"ema_decay={self.ema_decay} must lie in [0, 1) (0: no EMA)") from None
+        if self.debug_grid_every < 0:
+            raise UserError(f"debug_grid_every={self.debug_grid_every} must be >= 0 (0 disables the grids)")
+        if self.max_bad_steps < 1:
+            raise UserError(f"max_bad_steps={self.max_bad_steps} must be >= 1")

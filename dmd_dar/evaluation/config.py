@@ -106,3 +106,7 @@ class EvalConfig:
             raise UserError("bootstrap and bootstrap_fd must be >= 1 and 0 < confidence < 1")
         if not 0 < self.hf_cutoff < 1:
             raise UserError(f"hf_cutoff={self.hf_cutoff} must lie in (0, 1) (a fraction of Nyquist)")
+        for key, least in (("batch_size", 1), ("spectral_bins", 1), ("grid_per_group", 1),
+                           ("diversity_max_per_group", 2)):  # diversity averages over pairs within a group
+            if getattr(self, key) < least:
+                raise UserError(f"{key}={getattr(self, key)} must be >= {least}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dmd_dar.errors import UserError
+from dmd_dar.errors import UserError, config_key
 
 KINDS = ("residual", "dar")
 QUERIES = ("static", "static_t", "dynamic")
@@ -57,9 +57,10 @@ class RoutingConfig:
             ("lean_layout", self.lean_layout, LEAN_LAYOUTS),
         ):
             if value not in allowed:
-                raise UserError(f"routing.{name}={value!r} is not valid; choose one of {', '.join(allowed)}")
+                raise UserError(f"{config_key('routing', name)}={value!r} is not valid; choose one of "
+                                f"{', '.join(allowed)}")
         if int(self.chunk_size) < 1:
-            raise UserError(f"routing.chunk_size={self.chunk_size} must be >= 1 (1 = dense DAR)")
+            raise UserError(f"{config_key('routing', 'chunk_size')}={self.chunk_size} must be >= 1 (1 = dense DAR)")
 
     @property
     def is_dar(self) -> bool:

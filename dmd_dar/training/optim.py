@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dmd_dar.errors import UserError
+from dmd_dar.errors import UserError, config_key
 
 DECAYS = ("constant", "cosine")
 
@@ -28,13 +28,21 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
-            raise UserError(f"optim.decay={self.decay!r}; choose one of {', '.join(DECAYS)}")
+            raise UserError(f"{config_key('optim', 'decay')}={self.decay!r}; choose one of {', '.join(DECAYS)}")
         if self.lr <= 0:
-            raise UserError(f"optim.lr={self.lr} must be > 0")
+            raise UserError(f"{config_key('optim', 'lr')}={self.lr} must be > 0")
+        if self.routing_lr is not None and self.routing_lr <= 0:
+            raise UserError(f"{config_key('optim', 'routing_lr')}={self.routing_lr} must be > 0, or null for lr")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"{config_key('optim', 'betas')}={list(self.betas)}: both must lie in [0, 1)")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{config_key('optim', key)}={getattr(self, key)} must be >= 0")
         if self.warmup_steps < 0:
-            raise UserError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+            raise UserError(f"{config_key('optim', 'warmup_steps')}={self.warmup_steps} must be >= 0")
         if self.decay_steps is not None and self.decay_steps < 1:
-            raise UserError(f"optim.decay_steps={self.decay_steps} must be >= 1, or null for the run's run.steps")
+            raise UserError(f"{config_key('optim', 'decay_steps')}={self.decay_steps} must be >= 1, or null for the "
+                            f"run's run.steps")
 
     def horizon(self, run_steps: int) -> int:
         """The run step at which a cosine decay reaches 0."""
