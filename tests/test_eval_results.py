@@ -67,7 +67,8 @@ def test_nan_is_written_as_null_and_read_back_as_nan():
      r"unknown field\(s\) \['hf_gap'\]"),
     (lambda d: d["sets"]["teacher"]["spectral"]["scalars"]["slope"].update(estimate="-2"), "expected a number"),
     (lambda d: d["sets"]["teacher"].update(n=6.5), r"sets\['teacher'\]\.n: expected an integer"),
-    (lambda d: d.update(format="dmd_dar.eval/1"), "is not 'dmd_dar.eval/2'"),
+    (lambda d: d.update(format="dmd_dar.eval/1"), "format 'dmd_dar.eval/1' is not 'dmd_dar.eval/2'"),
+    (lambda d: d.update(format="dmd_dar.eval/1", verdicts=[]), "format 'dmd_dar.eval/1' is not"),  # a /1 file
 ])
 def test_a_file_that_does_not_match_the_types_fails_naming_the_field(metrics_file, tmp_path, edit, match):
     data = copy.deepcopy(json.loads(metrics_file.read_text()))

@@ -242,6 +242,10 @@ class Evaluation:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Evaluation:
+        fmt = data.get("format") if isinstance(data, dict) else None
+        if fmt != SCHEMA:  # before any field: another version differs in many, and its version is the news
+            raise ResultsFormatError(f"metrics file format {fmt!r} is not {SCHEMA!r}: rerun `dmd-dar eval` with "
+                                     "this version to rewrite it")
         return from_json(cls, data)
 
     @classmethod
