@@ -126,13 +126,13 @@ class Evaluator:
 
     def _mean_ci(self, values: Any, name: str) -> Interval:
         """Bootstrap CI of the mean of per-sample values (non-finite values dropped), seeded by its name."""
-        v = np.asarray(torch.as_tensor(values, dtype=torch.float64), dtype=np.float64).reshape(-1)
+        v = torch.as_tensor(values, dtype=torch.float64).cpu().numpy().reshape(-1)
         cfg = self.cfg
         return bootstrap_ci(v[np.isfinite(v)], np.mean, cfg.bootstrap, cfg.confidence, sub_seed(cfg.seed, name))
 
     def _paired_diff_ci(self, a: Any, b: Any, name: str) -> Interval:
         """CI of ``mean(a_i - b_i)`` over the pairs where both are finite."""
-        a, b = (np.asarray(torch.as_tensor(v, dtype=torch.float64), dtype=np.float64) for v in (a, b))
+        a, b = (torch.as_tensor(v, dtype=torch.float64).cpu().numpy() for v in (a, b))
         ok = np.isfinite(a) & np.isfinite(b)
         cfg = self.cfg
         return paired_bootstrap_ci(a[ok], b[ok], np.mean, cfg.bootstrap, cfg.confidence, sub_seed(cfg.seed, name))

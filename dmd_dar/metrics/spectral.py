@@ -288,19 +288,19 @@ def spectral_gap_db(samples: Any, reference: Any, bins: int | None = None) -> to
     """``10 log10(RAPSD_gen / RAPSD_ref)`` per bin ``[B]`` (dB). Inputs: mean curves ``[B]``, per-image curves
     ``[N, B]`` or images; dataset spectra are means of per-image RAPSDs."""
     g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
-    return torch.from_numpy(gap_db_rows(g[None].numpy(), r[None].numpy())[0])
+    return torch.from_numpy(gap_db_rows(g[None].cpu().numpy(), r[None].cpu().numpy())[0])
 
 
 def hf_gap_db(samples: Any, reference: Any, c: float = 0.5, bins: int | None = None) -> float:
     """Mean gap in dB over bins with centre ``>= c``; negative = the samples miss high-frequency energy."""
     g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
-    return float(hf_gap_db_rows(g[None].numpy(), r[None].numpy(), c)[0])
+    return float(hf_gap_db_rows(g[None].cpu().numpy(), r[None].cpu().numpy(), c)[0])
 
 
 def log_spectral_distance(samples: Any, reference: Any, bins: int | None = None) -> float:
     """``mean_b |gap_b|`` in dB over every (finite) bin of ``(0, 1]``."""
     g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
-    return float(lsd_db_rows(g[None].numpy(), r[None].numpy())[0])
+    return float(lsd_db_rows(g[None].cpu().numpy(), r[None].cpu().numpy())[0])
 
 
 def gap_interval(samples: Any, reference: Any, statistic: str, c: float, n_boot: int, confidence: float, seed: int,
@@ -314,8 +314,8 @@ def gap_interval(samples: Any, reference: Any, statistic: str, c: float, n_boot:
     """
     if statistic not in GAP_STATISTICS:
         raise UserError(f"gap statistic {statistic!r} is not one of {sorted(GAP_STATISTICS)}")
-    g = np.asarray(torch.as_tensor(samples, dtype=torch.float64))
-    r = np.asarray(torch.as_tensor(reference, dtype=torch.float64))
+    g = torch.as_tensor(samples, dtype=torch.float64).cpu().numpy()
+    r = torch.as_tensor(reference, dtype=torch.float64).cpu().numpy()
     row_stat = GAP_STATISTICS[statistic]
 
     def of_counts(cs: np.ndarray, cr: np.ndarray) -> np.ndarray:
