@@ -284,23 +284,25 @@ def lsd_db_rows(samples: Any, reference: Any) -> np.ndarray:
 GAP_STATISTICS = {"hf_gap_db": hf_gap_db_rows, "lsd_db": lambda g, r, c: lsd_db_rows(g, r)}
 
 
+def _mean_rows(samples: Any, reference: Any, bins: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The two dataset spectra as one-row numpy arrays ``[1, B]`` (inputs as in :func:`spectral_gap_db`)."""
+    return tuple(_mean_curve(x, bins)[None].cpu().numpy() for x in (samples, reference))
+
+
 def spectral_gap_db(samples: Any, reference: Any, bins: int | None = None) -> torch.Tensor:
     """``10 log10(RAPSD_gen / RAPSD_ref)`` per bin ``[B]`` (dB). Inputs: mean curves ``[B]``, per-image curves
     ``[N, B]`` or images; dataset spectra are means of per-image RAPSDs."""
-    g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
-    return torch.from_numpy(gap_db_rows(g[None].cpu().numpy(), r[None].cpu().numpy())[0])
+    return torch.from_numpy(gap_db_rows(*_mean_rows(samples, reference, bins))[0])
 
 
 def hf_gap_db(samples: Any, reference: Any, c: float = 0.5, bins: int | None = None) -> float:
     """Mean gap in dB over bins with centre ``>= c``; negative = the samples miss high-frequency energy."""
-    g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
-    return float(hf_gap_db_rows(g[None].cpu().numpy(), r[None].cpu().numpy(), c)[0])
+    return float(hf_gap_db_rows(*_mean_rows(samples, reference, bins), c)[0])
 
 
 def log_spectral_distance(samples: Any, reference: Any, bins: int | None = None) -> float:
     """``mean_b |gap_b|`` in dB over every (finite) bin of ``(0, 1]``."""
-    g, r = _mean_curve(samples, bins), _mean_curve(reference, bins)
-    return float(lsd_db_rows(g[None].cpu().numpy(), r[None].cpu().numpy())[0])
+    return float(lsd_db_rows(*_mean_rows(samples, reference, bins))[0])
 
 
 def gap_interval(samples: Any, reference: Any, statistic: str, c: float, n_boot: int, confidence: float, seed: int,
