@@ -13,7 +13,8 @@ from types import ModuleType
 from dmd_dar.evaluation.results import Evaluation
 
 
-def _pyplot() -> ModuleType:
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend (no display), imported on first use."""
     # lazy: matplotlib takes ~0.5 s to import and only a report needs it (not `dmd-dar --help`, not the metrics)
     import matplotlib
 
@@ -23,10 +24,11 @@ def _pyplot() -> ModuleType:
     return plt
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A figure as PNG bytes (110 dpi, tight); the figure is closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -40,7 +42,7 @@ def rapsd_plot(result: Evaluation) -> bytes | None:
     sets = {n: e for n, e in result.sets.items() if e.spectral is not None}
     if not sets:
         return None
-    fig, ax = _pyplot().subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     for name, e in sets.items():
         x, y = _finite(e.spectral.rho, e.spectral.mean_rapsd)
         ref = e.role == "reference"
@@ -51,7 +53,7 @@ def rapsd_plot(result: Evaluation) -> bytes | None:
     ax.set_title("Radially averaged power spectra")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def gap_plot(result: Evaluation) -> bytes | None:
@@ -60,7 +62,7 @@ def gap_plot(result: Evaluation) -> bytes | None:
     if not comps:
         return None
     rho = next(e.spectral.rho for e in result.sets.values() if e.spectral is not None)
-    fig, ax = _pyplot().subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     for c in comps:
         pts = [(x, y) for x, y in zip(rho, c.spectral.gap_db_curve) if y is not None and math.isfinite(y)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=c.name, lw=1.4,
@@ -73,7 +75,7 @@ def gap_plot(result: Evaluation) -> bytes | None:
     ax.set_title("Spectral gap (negative = missing energy)")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def hf_gap_per_group_plot(result: Evaluation, max_groups: int = 24) -> bytes | None:
@@ -86,7 +88,7 @@ def hf_gap_per_group_plot(result: Evaluation, max_groups: int = 24) -> bytes | N
         groups += [g for g in c.spectral.per_group_hf_gap_db if g not in groups]
     groups = groups[:max_groups]
     width = 0.8 / len(comps)
-    fig, ax = _pyplot().subplots(figsize=(max(6.4, 0.55 * len(groups) * max(1, len(comps) / 2)), 4.2))
+    fig, ax = pyplot().subplots(figsize=(max(6.4, 0.55 * len(groups) * max(1, len(comps) / 2)), 4.2))
     for k, c in enumerate(comps):
         per = c.spectral.per_group_hf_gap_db
         xs, ys, lo, hi = [], [], [], []
@@ -106,7 +108,7 @@ def hf_gap_per_group_plot(result: Evaluation, max_groups: int = 24) -> bytes | N
     ax.set_title("High-frequency gap per class / prompt (95% bootstrap CI)")
     ax.grid(True, axis="y", alpha=0.25)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 PLOTS = {"rapsd.png": rapsd_plot, "gap_db.png": gap_plot, "hf_gap_per_group.png": hf_gap_per_group_plot}

@@ -86,7 +86,8 @@ def _img_tag(png: bytes, alt: str, cls: str = "") -> str:
     return f'<img class="{cls}" alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'
 
 
-def _png_bytes(arr: np.ndarray) -> bytes:
+def png_bytes(arr: np.ndarray) -> bytes:
+    """An ``[H, W, 3]`` uint8 array as PNG bytes."""
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -135,7 +136,7 @@ def _grids_section(result: Evaluation, per_group: int, max_groups: int) -> str:
             x = s.load(idx)  # [n, 3, H, W] in [-1, 1]
             arrs = [((i.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for i in x]
             cropped |= max(arrs[0].shape[:2]) > 256
-            cells.append(f"<td>{_img_tag(_png_bytes(_grid([_display(a) for a in arrs])), f'{s.name} {g}', 'grid')}</td>")
+            cells.append(f"<td>{_img_tag(png_bytes(_grid([_display(a) for a in arrs])), f'{s.name} {g}', 'grid')}</td>")
         rows.append(cells)
     note = " Large images are shown as native-resolution centre crops." if cropped else ""
     more = f" (first {max_groups} of {len(labels)} groups)" if len(labels) > max_groups else ""

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dmd_dar.artifact import load_artifact, resolve_checkpoint
 from dmd_dar.config import build_config, to_dict
@@ -234,9 +235,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def apply_suite_settings(cfg: EvalConfig, settings: dict[str, Any]) -> EvalConfig:
     """Suite ``eval:`` settings fill every key the user left at its default (command-line values win)."""
-    from omegaconf.errors import OmegaConfBaseException
-
-
     default = _flatten(to_dict(EvalConfig()))
     user = _flatten(to_dict(cfg))
     conf = OmegaConf.structured(cfg)

@@ -43,7 +43,7 @@ HEALTH_LOSSES = ("gen/dm_loss", "critic/fake_loss")
 HEALTH_GRADS = ("gen/grad_norm", "critic/grad_norm")
 
 
-def _ci(result: Any) -> dict[str, float] | None:
+def headline_ci(result: Any) -> dict[str, float] | None:
     """The headline interval of an evaluation result as the study's ``{estimate, low, high}``, or None where the
     metric was not computed, is unavailable, or has no finite estimate."""
     iv = headline(result)
@@ -73,29 +73,29 @@ def extract(metrics: Evaluation, name: str) -> dict[str, dict[str, float] | None
     base, ref = metrics.comparison(name, "baseline"), metrics.comparison(name, "reference")
     s = metrics.sets.get(name)
     return {
-        "hf_gap_db_vs_teacher": _ci(_spectral(base, "hf_gap_db")),
-        "hf_gap_db_vs_data": _ci(_spectral(ref, "hf_gap_db")),
-        "hf_ratio": _ci(_hf_ratio(s, hf_key(metrics))),
-        "paired_log_hf_ratio": _ci(_spectral(base, "paired_log_hf_ratio")),
-        "lpips_fidelity": _ci(base.lpips_fidelity if base else None),
-        "lpips_diversity": _ci(s.lpips_diversity if s else None),
-        "clip_score": _ci(s.clip_score if s else None),
-        "fd_vs_data": _ci(ref.fd if ref else None),
-        "fd_vs_teacher": _ci(base.fd if base else None),
-        "cmmd_vs_data": _ci(ref.cmmd if ref else None),
-        "cmmd_vs_teacher": _ci(base.cmmd if base else None),
+        "hf_gap_db_vs_teacher": headline_ci(_spectral(base, "hf_gap_db")),
+        "hf_gap_db_vs_data": headline_ci(_spectral(ref, "hf_gap_db")),
+        "hf_ratio": headline_ci(_hf_ratio(s, hf_key(metrics))),
+        "paired_log_hf_ratio": headline_ci(_spectral(base, "paired_log_hf_ratio")),
+        "lpips_fidelity": headline_ci(base.lpips_fidelity if base else None),
+        "lpips_diversity": headline_ci(s.lpips_diversity if s else None),
+        "clip_score": headline_ci(s.clip_score if s else None),
+        "fd_vs_data": headline_ci(ref.fd if ref else None),
+        "fd_vs_teacher": headline_ci(base.fd if base else None),
+        "cmmd_vs_data": headline_ci(ref.cmmd if ref else None),
+        "cmmd_vs_teacher": headline_ci(base.cmmd if base else None),
     }
 
 
 def anchors(metrics: Evaluation, teacher: str, reference: str = "reference") -> dict[str, dict[str, Any]]:
     """The teacher's and the data's own rows of the study table (what the students are read against)."""
     tref, ts, rs = metrics.comparison(teacher, "reference"), metrics.sets.get(teacher), metrics.sets.get(reference)
-    return {"teacher": {"hf_gap_db_vs_data": _ci(_spectral(tref, "hf_gap_db")),
-                        "hf_ratio": _ci(_hf_ratio(ts, hf_key(metrics))),
-                        "clip_score": _ci(ts.clip_score if ts else None),
-                        "lpips_diversity": _ci(ts.lpips_diversity if ts else None),
-                        "fd_vs_data": _ci(tref.fd if tref else None), "cmmd_vs_data": _ci(tref.cmmd if tref else None)},
-            "data": {"hf_ratio": _ci(_hf_ratio(rs, hf_key(metrics))), "clip_score": _ci(rs.clip_score if rs else None)}}
+    return {"teacher": {"hf_gap_db_vs_data": headline_ci(_spectral(tref, "hf_gap_db")),
+                        "hf_ratio": headline_ci(_hf_ratio(ts, hf_key(metrics))),
+                        "clip_score": headline_ci(ts.clip_score if ts else None),
+                        "lpips_diversity": headline_ci(ts.lpips_diversity if ts else None),
+                        "fd_vs_data": headline_ci(tref.fd if tref else None), "cmmd_vs_data": headline_ci(tref.cmmd if tref else None)},
+            "data": {"hf_ratio": headline_ci(_hf_ratio(rs, hf_key(metrics))), "clip_score": headline_ci(rs.clip_score if rs else None)}}
 
 
 def extract_per_class(metrics: Evaluation, name: str) -> dict[str, dict[str, dict[str, float] | None]]:
@@ -107,9 +107,9 @@ def extract_per_class(metrics: Evaluation, name: str) -> dict[str, dict[str, dic
     gaps_d = _spectral(ref, "per_group_hf_gap_db") or {}
     out: dict[str, dict[str, dict[str, float] | None]] = {}
     for g in dict.fromkeys([*per_ratio, *gaps_t, *gaps_d]):
-        out[g] = {"hf_gap_db_vs_teacher": _ci(gaps_t[g].gap if g in gaps_t else None),
-                  "hf_gap_db_vs_data": _ci(gaps_d[g].gap if g in gaps_d else None),
-                  "hf_ratio": _ci(per_ratio.get(g))}
+        out[g] = {"hf_gap_db_vs_teacher": headline_ci(gaps_t[g].gap if g in gaps_t else None),
+                  "hf_gap_db_vs_data": headline_ci(gaps_d[g].gap if g in gaps_d else None),
+                  "hf_ratio": headline_ci(per_ratio.get(g))}
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from dmd_dar import sampling
 from dmd_dar.artifact import load_artifact
@@ -132,10 +133,6 @@ def run_stage(suite: StudySuite, suite_file: Path, study_dir: Path, run: Pretrai
 def _fd_eval_config(suite: StudySuite, suite_file: Path, study_dir: Path, run: PretrainRun, folder: Path,
                     device: str):
     """FD of one sample folder vs the study's held-out reference, through the evaluation-suite machinery."""
-
-    from omegaconf import OmegaConf
-
-
     base_file = resolve_path(suite.eval.suite, suite_file)
     conf = OmegaConf.merge(OmegaConf.load(base_file), OmegaConf.create(dict(suite.eval.overrides)))
     conf.name = suite.name  # same name as the detail part: the reference folder is shared, not re-rendered

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as _dt
 import html
 import json
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dmd_dar.data.manifest import read_manifest
-from dmd_dar.evaluation.report import ci_cell, fmt
+from dmd_dar.evaluation.plots import figure_png, pyplot
+from dmd_dar.evaluation.report import ci_cell, fmt, png_bytes
 from dmd_dar.evaluation.results import Evaluation, from_json
 from dmd_dar.metrics.bootstrap import Interval
 from dmd_dar.study import aggregate as A
@@ -141,7 +144,6 @@ def _fd_estimate(point: dict[str, Any] | None) -> float | None:
 
 
 def collect_pretraining(suite: StudySuite, pre_runs) -> dict[str, Any]:
-
     p = suite.pretraining
     steps = stages(suite)
     curves: dict[str, Any] = {}
@@ -149,7 +151,7 @@ def collect_pretraining(suite: StudySuite, pre_runs) -> dict[str, Any]:
         pts = {r.seed: read_points(r) for r in pre_runs if r.variant.name == v.name}
         per_step = {}
         for s in steps:
-            cis = [A._ci(_fd_point(pts[seed].get(s))) for seed in pts]
+            cis = [A.headline_ci(_fd_point(pts[seed].get(s))) for seed in pts]
             per_step[str(s)] = A.over_seeds(cis, suite.confidence, list(pts))
         failed = {str(r.seed): json.loads((r.run_dir / "failed.json").read_text())["error"]
                   for r in pre_runs if r.variant.name == v.name and (r.run_dir / "failed.json").is_file()}
@@ -217,24 +219,6 @@ def _iterations_to_reach(curve: dict[str, Any], target: float, steps: list[int])
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return buf.getvalue()
-
-
 def _arr(xs) -> np.ndarray:
     """A JSON curve (None where a bin was empty) as floats with NaN."""
     return np.array([np.nan if x is None else float(x) for x in xs], dtype=np.float64)
@@ -247,7 +231,7 @@ def _plot_finite(ax, x: np.ndarray, y: np.ndarray, *args, positive: bool = False
 
 def spectra_plot(suite: StudySuite, runs, metric_files: dict[str, Path], k: int) -> bytes | None:
     """Mean RAPSD of the teacher, the data and every variant (mean over seeds), plus gap-to-teacher curves."""
-    plt = _plt()
+    plt = pyplot()
     loaded = {r.name: Evaluation.load(metric_files[r.name]) for r in runs
               if r.student_steps == k and r.name in metric_files}
     if not loaded:
@@ -291,12 +275,12 @@ def spectra_plot(suite: StudySuite, runs, metric_files: dict[str, Path], k: int)
     ax.legend(fontsize=8)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def health_plot(suite: StudySuite, runs, curves: dict[str, Any], k: int) -> bytes | None:
     """Training-health curves of every variant side by side: one panel per quantity, thin lines per seed."""
-    plt = _plt()
+    plt = pyplot()
     keys = [key for key in suite.distill.health.keys
             if any(curves.get(r.name, {}).get(key) for r in runs if r.student_steps == k)]
     if not keys:
@@ -329,11 +313,11 @@ def health_plot(suite: StudySuite, runs, curves: dict[str, Any], k: int) -> byte
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{k}-step students: training health (one line per seed)")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def fd_plot(pre: dict[str, Any]) -> bytes | None:
-    plt = _plt()
+    plt = pyplot()
     if not pre["curves"]:
         return None
     if not any(c["fd"].get(str(s)) for c in pre["curves"].values() for s in pre["steps"]):
@@ -356,14 +340,11 @@ def fd_plot(pre: dict[str, Any]) -> bytes | None:
     ax.set_title("Teacher pretraining: FD vs iterations (band: interval over seeds)")
     ax.grid(True, alpha=0.25)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def sample_grid(folders: list[tuple[str, Path]], per_class: int) -> list[tuple[str, bytes]]:
     """One image per model: classes as rows, the first ``per_class`` seeds as columns, upscaled x2."""
-    from PIL import Image
-
-
     out = []
     for label, folder in folders:
         try:
@@ -382,11 +363,7 @@ def sample_grid(folders: list[tuple[str, Path]], per_class: int) -> list[tuple[s
         width = max(r.shape[1] for r in rows)
         rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
         arr = np.concatenate(rows, 0).repeat(2, 0).repeat(2, 1)
-        import io
-
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
-        out.append((label, buf.getvalue()))
+        out.append((label, png_bytes(arr)))
     return out
 
 
@@ -604,8 +581,6 @@ def write_study_outputs(suite: StudySuite, cfg: StudyConfig, out: Path, runs, me
     record = {}
     if (out / "study_run.json").is_file():
         record = json.loads((out / "study_run.json").read_text())
-    import dataclasses
-
     # asdict, not OmegaConf: variant overrides may hold (escaped) interpolations meant for the run configs
     atomic_write_json({"format": "dmd_dar.study/1", "command": command, "suite": dataclasses.asdict(suite),
                        "teacher": str(teacher) if teacher else None, "detail": det, "pretraining": pre,
