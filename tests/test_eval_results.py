@@ -6,10 +6,8 @@ import json
 import math
 
 import pytest
-import torch
 
 from dmd_dar.config import build_config
-from dmd_dar.data.manifest import save_png_folder
 from dmd_dar.evaluation import EvalConfig, Evaluation, run, write_report
 from dmd_dar.evaluation.results import (
     SCHEMA,
@@ -26,14 +24,9 @@ from dmd_dar.study import aggregate as A
 
 
 @pytest.fixture(scope="module")
-def metrics_file(tmp_path_factory):
+def metrics_file(tmp_path_factory, eval_folders):
     root = tmp_path_factory.mktemp("results")
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
-    recs = [{"seed": i, "class_id": i % 2, "class_name": ["fur", "grass"][i % 2]} for i in range(6)]
-    save_png_folder(x, root / "teacher", recs)
-    save_png_folder(torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False), root / "student", recs)
-    save_png_folder(torch.rand(6, 3, 16, 16, generator=g) * 2 - 1, root / "ref")
+    eval_folders(root, size=16)
     run(build_config(EvalConfig, [], [f"samples=[{root / 'teacher'},{root / 'student'}]", f"reference={root / 'ref'}",
                                       "metrics=[spectral,lpips_fidelity]", "bootstrap=30", "report=false",
                                       f"out_dir={root / 'out'}"]))

@@ -6,11 +6,9 @@ import json
 from html.parser import HTMLParser
 
 import pytest
-import torch
 from PIL import Image
 
 from dmd_dar.config import build_config
-from dmd_dar.data.manifest import save_png_folder
 from dmd_dar.evaluation import EvalConfig, Evaluation, run, write_report
 
 
@@ -34,15 +32,9 @@ class Parsed(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, eval_folders):
     root = tmp_path_factory.mktemp("rep")
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
-    recs = [{"seed": i, "class_id": i % 2, "class_name": ["fur", "grass"][i % 2]} for i in range(6)]
-    save_png_folder(x, root / "teacher", recs)
-    save_png_folder(torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False), root / "student", recs)
-    save_png_folder(torch.rand(6, 3, 32, 32, generator=g) * 2 - 1, root / "ref",
-                    [{"class_name": ["fur", "grass"][i % 2]} for i in range(6)])
+    eval_folders(root, size=32)
     bench = {"device": "cpu", "results": [{"metric": "spectral", "impl": "torch", "resolution": 256, "batch": 8,
                                            "images_per_s": 123.5}]}
     (root / "bench.json").write_text(json.dumps(bench))
