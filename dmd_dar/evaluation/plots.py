@@ -37,6 +37,17 @@ def _finite(xs, ys):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _frequency_axes(fig, ax, cutoff: float, ylabel: str, title: str) -> bytes:
+    """The common frame of a plot over radial frequency (the HF cutoff dotted), as PNG bytes."""
+    ax.axvline(cutoff, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("radial frequency rho (fraction of Nyquist)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
 def rapsd_plot(result: Evaluation) -> bytes | None:
     """Mean radial spectra of every set, log-log; the reference dashed black."""
     sets = {n: e for n, e in result.sets.items() if e.spectral is not None}
@@ -47,13 +58,8 @@ def rapsd_plot(result: Evaluation) -> bytes | None:
         x, y = _finite(e.spectral.rho, e.spectral.mean_rapsd)
         ref = e.role == "reference"
         ax.loglog(x, y, "k--" if ref else "-", lw=2.2 if ref else 1.4, label=f"{name} (n={e.n})")
-    ax.axvline(result.hf_cutoff, color="0.6", lw=0.8, ls=":")
-    ax.set_xlabel("radial frequency rho (fraction of Nyquist)")
-    ax.set_ylabel("mean RAPSD (luma, [0,1] scale)")
-    ax.set_title("Radially averaged power spectra")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
-    return figure_png(fig)
+    return _frequency_axes(fig, ax, result.hf_cutoff, "mean RAPSD (luma, [0,1] scale)",
+                           "Radially averaged power spectra")
 
 
 def gap_plot(result: Evaluation) -> bytes | None:
@@ -68,14 +74,9 @@ def gap_plot(result: Evaluation) -> bytes | None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=c.name, lw=1.4,
                 ls="-" if c.kind == "reference" else "--")
     ax.axhline(0, color="k", lw=0.8)
-    ax.axvline(result.hf_cutoff, color="0.6", lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("radial frequency rho (fraction of Nyquist)")
-    ax.set_ylabel("gap 10 log10(P_samples / P_ref) [dB]")
-    ax.set_title("Spectral gap (negative = missing energy)")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
-    return figure_png(fig)
+    return _frequency_axes(fig, ax, result.hf_cutoff, "gap 10 log10(P_samples / P_ref) [dB]",
+                           "Spectral gap (negative = missing energy)")
 
 
 def hf_gap_per_group_plot(result: Evaluation, max_groups: int = 24) -> bytes | None:
