@@ -105,7 +105,8 @@ def sample_capped_timesteps(cap: Tensor, t_min: float, t_max: float, shift_s: fl
         raise UserError(f"{key}={t_min}: the capped timestep range is empty for a student time of {worst:.4g} "
                         f"(before the shift {float(unshift(worst, shift_s)):.4g}); lower {key} below that")
     u = lo + (hi - lo) * torch.rand(cap.shape[0], generator=generator, dtype=torch.float64)
-    return shift(u, shift_s) if shift_s != 1.0 else u
+    tau = shift(u, shift_s) if shift_s != 1.0 else u
+    return torch.minimum(tau, cap)  # shift(unshift(cap)) may round one ulp above cap
 
 
 def random_student_schedule(k_min: int, k_max: int, t_min: float, t_max: float, shift_s: float = 1.0,
