@@ -71,8 +71,8 @@ def ca_term(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, scale: float) -> tor
 
 
 def image_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image, per-channel mean and (biased) variance over the spatial dims, each [B, C]."""
-    flat = x.float().flatten(2)
+    """Per-image, per-channel mean and (biased) variance over the spatial dims, each [B, C] (at least float32)."""
+    flat = x.to(torch.promote_types(x.dtype, torch.float32)).flatten(2)
     return flat.mean(-1), flat.var(-1, unbiased=False)
 
 

@@ -1,0 +1,210 @@
+"""Decoupled DMD (method.objective=decoupled) and the random few-step schedule against closed forms."""
+
+import pytest
+import torch
+from torch import nn
+
+from dmd_dar.diffusion.paths import make_path
+from dmd_dar.diffusion.samplers import student_timesteps
+from dmd_dar.diffusion.timesteps import (
+    random_student_schedule,
+    sample_capped_timesteps,
+    shift,
+    unshift,
+)
+from dmd_dar.distill.config import MethodConfig
+from dmd_dar.distill.denoiser import Denoiser, class_null_cond
+from dmd_dar.distill.losses import meanvar_kl, normalized_update, proxy_loss
+from dmd_dar.distill.method import DMD2, DecoupledDMD
+from dmd_dar.errors import UserError
+
+PARAMETERISATIONS = [("flow", "velocity"), ("flow", "x0"), ("vp", "eps"), ("vp", "v"), ("vp", "x0")]
+
+
+class _ClassNet(nn.Module):
+    """A toy class-conditional network (label 3 = null) whose prediction depends on x_t, t and the label."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x_t, t, y):
+        return self.gain * torch.tanh(x_t) + 0.3 * y.to(x_t).view(-1, 1, 1, 1) - 0.2 * t.view(-1, 1, 1, 1)
+
+
+def _method(cls, path, **cfg):
+    null = class_null_cond(3)
+    teacher = Denoiser(_ClassNet(0.7), path, null)
+    fake = Denoiser(_ClassNet(0.4), path, null)
+    generator = Denoiser(_ClassNet(1.0), path, null)
+    return cls(MethodConfig(**cfg), generator, fake, teacher, student_times=[1.0])
+
+
+@pytest.mark.parametrize("kind, prediction", PARAMETERISATIONS)
+def test_decoupled_terms_at_the_same_tau_and_noise_sum_to_the_coupled_update(kind, prediction):
+    """DMD2's g before normalisation, x0_fake - x0_cfg at (t, eps), is exactly CA + DM at the same (t, eps)."""
+    path = make_path(kind, prediction, dtype=torch.float64)
+    coupled = _method(DMD2, path, guidance_scale=3.5)
+    decoupled = _method(DecoupledDMD, path, objective="decoupled", guidance_scale=3.5)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    # DMD2 draws (t, eps) from the stream; replay the same draws for both decoupled terms.
+    _, _, debug = coupled.generator_loss(x, y, torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)
+    t = coupled.dm_timesteps(4, replay).to(torch.float64)
+    eps = torch.randn(x.shape, generator=replay).to(x)
+    torch.testing.assert_close(t, debug["t"].to(torch.float64))
+    terms = decoupled.terms(x, y, t, eps, t, eps)
+    coupled_update = debug["fake_x0"] - debug["real_x0"]
+    torch.testing.assert_close(terms["ca"] + terms["dm"], coupled_update, rtol=1e-12, atol=1e-12)
+    assert terms["ca"].abs().max() > 1e-3 and terms["dm"].abs().max() > 1e-3  # both terms are really there
+
+
+def test_ca_term_is_zero_outside_the_guidance_interval():
+    path = make_path("flow", "velocity", dtype=torch.float64)
+    method = _method(DecoupledDMD, path, objective="decoupled", guidance_scale=3.0, guidance_interval=[0.5, 1.0])
+    x, y = torch.randn(2, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 1])
+    t, eps = torch.tensor([0.2, 0.8], dtype=torch.float64), torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    ca = method.terms(x, y, t, eps, None, None)["ca"]
+    assert ca[0].abs().max() == 0 and ca[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("s", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_ca_times_never_exceed_the_student_time(s, steps):
+    path = make_path("flow", "velocity")
+    method = _method(DecoupledDMD, path, objective="decoupled")
+    method.shift = s
+    times = student_timesteps(steps, shift=s)
+    t_student = torch.tensor(times).repeat(2000)
+    tau = method.ca_timesteps(t_student, torch.Generator().manual_seed(0))
+    assert (tau <= t_student).all() and (tau >= shift(0.02, s).item() - 1e-6).all()
+    for t_k in times:  # each student time's taus reach up to it (the cap binds, not t_max)
+        below = tau[t_student == t_k]
+        assert below.max() > min(t_k, shift(0.98, s).item()) - 0.05
+
+
+def test_capped_ca_times_follow_the_shifted_distribution():
+    """CDF of tau = shift(u), u ~ U[lo, unshift(cap)]: P(tau <= v) = (unshift(v) - lo) / (unshift(cap) - lo)."""
+    s, cap, lo = 3.0, 0.6, 0.02
+    n = 200_000
+    tau = sample_capped_timesteps(torch.full((n,), cap), lo, 0.98, s, torch.Generator().manual_seed(1))
+    hi = float(unshift(cap, s))
+    for v in (0.1, 0.2, 0.35, 0.5, 0.59):
+        expected = (float(unshift(v, s)) - lo) / (hi - lo)
+        assert abs((tau <= v).double().mean().item() - expected) < 0.005, v
+    assert tau.max() <= cap
+
+
+def test_normaliser_floor_keeps_the_update_finite_where_x_equals_the_teacher():
+    x = torch.randn(2, 3, 4, 4)
+    direction = torch.ones_like(x)
+    floored = normalized_update(direction, x, x.clone(), floor=1e-3)
+    assert torch.isfinite(floored).all()
+    torch.testing.assert_close(floored, direction / 1e-3)  # the weight is exactly 1 / floor
+    unfloored = normalized_update(direction, x, x.clone(), floor=0.0)
+    assert torch.isfinite(unfloored).all() and unfloored.abs().max() == 0  # nan_to_num: 1/0 -> 0
+    # Away from the floor it is DMD2's weight 1 / mean|x - x0|.
+    x0 = x + 0.5
+    torch.testing.assert_close(normalized_update(direction, x, x0, floor=1e-3), direction / 0.5)
+
+
+def test_proxy_loss_gradient_is_the_update_over_n():
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    update = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    proxy_loss(x, update).backward()
+    torch.testing.assert_close(x.grad, update / x.numel())
+
+
+def test_meanvar_kl_gradient_matches_its_closed_form():
+    """KL(N(m, v) || N(mu, s)) per image and channel, averaged over B*C; with N pixels per channel,
+    dKL/dx_i = [(m - mu) / s + (1/s - 1/v)(x_i - m)] / (N B C)."""
+    b, c, h, w = 3, 2, 4, 5
+    x = (torch.randn(b, c, h, w, dtype=torch.float64) * 0.7 + 0.2).requires_grad_(True)
+    mu, s = torch.tensor([0.1, -0.3], dtype=torch.float64), torch.tensor([0.5, 1.5], dtype=torch.float64)
+    kl = meanvar_kl(x, mu, s)
+    kl.backward()
+    xd = x.detach()
+    m = xd.mean(dim=(2, 3), keepdim=True)
+    v = xd.var(dim=(2, 3), unbiased=False, keepdim=True)
+    mu4, s4 = mu.view(1, -1, 1, 1), s.view(1, -1, 1, 1)
+    n = h * w
+    expected = ((m - mu4) / s4 + (1 / s4 - 1 / v) * (xd - m)) / (n * b * c)
+    torch.testing.assert_close(x.grad, expected)
+    closed = (0.5 * (torch.log(s4 / v) + (v + (m - mu4) ** 2) / s4 - 1)).mean()
+    torch.testing.assert_close(kl.detach(), closed)
+    # zero exactly at the target statistics
+    z = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    zm, zv = z.mean(dim=(2, 3)), z.var(dim=(2, 3), unbiased=False)
+    assert meanvar_kl(z, zm[0], zv[0]).item() >= 0
+    one = z[:1]
+    assert abs(meanvar_kl(one, one.mean(dim=(0, 2, 3)), one.var(dim=(2, 3), unbiased=False)[0]).item()) < 1e-12
+
+
+def test_meanvar_regulariser_needs_no_fake_score_and_gets_the_kl_gradient():
+    path = make_path("flow", "x0", dtype=torch.float64)
+    null = class_null_cond(3)
+    teacher, generator = Denoiser(_ClassNet(0.7), path, null), Denoiser(_ClassNet(1.0), path, null)
+    target = (torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    cfg = MethodConfig(objective="decoupled", regularizer="meanvar", ca_weight=0.0, meanvar_weight=2.0)
+    method = DecoupledDMD(cfg, generator, None, teacher, [1.0], meanvar_target=target)
+    assert not method.has_critic
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    loss, logs, _ = method.generator_loss(x, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    loss.backward()
+    xk = x.detach().clone().requires_grad_(True)
+    (2.0 * meanvar_kl(xk, *target)).backward()
+    torch.testing.assert_close(x.grad, xk.grad)  # CA off: the generator's gradient is the KL's alone
+    assert "gen/meanvar_kl" in logs and "gen/dm_norm" not in logs
+
+
+def test_bad_decoupled_input_names_the_key():
+    path = make_path("flow", "velocity")
+    score = Denoiser(_ClassNet(1.0), path, class_null_cond(3))
+    unconditional = Denoiser(_ClassNet(1.0), path, None)
+    cfg = MethodConfig(objective="decoupled")
+    with pytest.raises(UserError, match="method.ca_weight=0"):
+        DecoupledDMD(cfg, score, score, unconditional, [1.0])
+    with pytest.raises(UserError, match="method.ca_t_min"):  # 4 steps: the last student time is 0.25 <= 0.3
+        DecoupledDMD(MethodConfig(objective="decoupled", ca_t_min=0.3), score, score, score,
+                     student_timesteps(4))
+    with pytest.raises(UserError, match="method.meanvar_target"):
+        DecoupledDMD(MethodConfig(objective="decoupled", regularizer="meanvar"), score, None, score, [1.0])
+    with pytest.raises(UserError, match="method.k_min=5, method.k_max=4"):
+        MethodConfig(schedule="random", k_min=5)
+    with pytest.raises(UserError, match="method.objective=decoupled"):
+        MethodConfig(regularizer="meanvar")
+    with pytest.raises(UserError, match="method.gan_weight"):
+        MethodConfig(objective="decoupled", regularizer="gan")
+    with pytest.warns(UserWarning, match="engine only"):
+        DecoupledDMD(MethodConfig(objective="decoupled", dm_weight=0.0), score, score, score, [1.0])
+
+
+def test_random_schedules_start_at_one_decrease_and_agree_across_processes():
+    counts = set()
+    for step in range(200):
+        # every process seeds its shared stream alike (trainer: derive_seed(seed, "shared", step))
+        a = random_student_schedule(1, 4, 0.25, 0.95, 3.0, torch.Generator().manual_seed(step))
+        b = random_student_schedule(1, 4, 0.25, 0.95, 3.0, torch.Generator().manual_seed(step))
+        assert a == b and a[0] == 1.0
+        assert all(hi > lo for hi, lo in zip(a, a[1:]))
+        assert all(shift(0.25, 3.0).item() - 1e-9 <= t <= shift(0.95, 3.0).item() + 1e-9 for t in a[1:])
+        counts.add(len(a))
+    assert counts == {1, 2, 3, 4}
+
+
+def test_the_method_rolls_out_along_the_random_schedule():
+    """generator_input's t_k is one of the schedule's times; the schedule is drawn from the shared stream, so
+    two processes with different private streams get the same t_k."""
+    path = make_path("flow", "velocity")
+    method = _method(DecoupledDMD, path, objective="decoupled", schedule="random", k_min=2, k_max=4)
+    noise, y = torch.randn(2, 1, 3, 3), torch.tensor([0, 1])
+    for step in range(20):
+        t_ks = []
+        for rank in range(2):
+            shared = torch.Generator().manual_seed(step)
+            times = method.student_schedule(torch.Generator().manual_seed(step))
+            _, t_k = method.generator_input(noise, y, torch.Generator().manual_seed(100 + rank), shared)
+            assert min(abs(float(t_k[0]) - t) for t in times) < 1e-6  # t_k is float32
+            t_ks.append(float(t_k[0]))
+        assert t_ks[0] == t_ks[1]
