@@ -4,8 +4,10 @@ import contextlib
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from dmd_dar.cli import main
 from dmd_dar.diffusion.paths import make_path
 from dmd_dar.diffusion.samplers import student_timesteps
 from dmd_dar.diffusion.timesteps import (
@@ -16,6 +18,7 @@ from dmd_dar.diffusion.timesteps import (
 )
 from dmd_dar.distill.config import MethodConfig
 from dmd_dar.distill.denoiser import Denoiser, class_null_cond
+from dmd_dar.distill.health import VarianceDriftCheck, output_drift
 from dmd_dar.distill.losses import image_moments, meanvar_kl, normalized_update, proxy_loss
 from dmd_dar.distill.method import DMD2, DecoupledDMD
 from dmd_dar.errors import UserError
@@ -296,3 +299,73 @@ def test_ca_alone_drives_the_variance_up_and_dm_bounds_it():
     assert max(both) < 3.5 * teacher_var, both
     assert abs(both[-1] - both[-3]) < 0.1, both  # settled, not growing
     assert both[-1] < alone[-1] / 2.5
+
+
+def test_flux_style_embedded_guidance_refuses_ca_and_matches_at_its_guidance():
+    """A guidance-distilled teacher (one pass, guidance as an input) has no x0_u: CA is refused with the fix;
+    with ca_weight 0 its DM term reads the teacher at guidance_scale, as DMD2's real score does."""
+    from dmd_dar.t2i.task import EmbeddedGuidanceDenoiser  # lazy: diffusers, seconds to import
+
+    class GuidanceNet(nn.Module):  # student and fake score: a fixed guidance input of their own (as T2INet)
+        def forward(self, x_t, t, cond):
+            g = cond.get("guidance", torch.full((x_t.shape[0],), 2.0, dtype=x_t.dtype))
+            return 0.5 * x_t + g.view(-1, 1, 1, 1) * cond["text"]
+
+    path = make_path("flow", "velocity", dtype=torch.float64)
+    teacher = EmbeddedGuidanceDenoiser(GuidanceNet(), path, None)
+    student = Denoiser(GuidanceNet(), path, None)
+    with pytest.raises(UserError, match="method.ca_weight=0"):
+        DecoupledDMD(MethodConfig(objective="decoupled", guidance_scale=3.5), student, student, teacher, [1.0])
+    cfg = MethodConfig(objective="decoupled", guidance_scale=3.5, ca_weight=0.0)
+    method = DecoupledDMD(cfg, student, student, teacher, [1.0])
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    cond = {"text": torch.randn(2, 1, 2, 2, dtype=torch.float64)}
+    t, eps = torch.tensor([0.3, 0.7], dtype=torch.float64), torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    terms = method.terms(x, cond, None, None, t, eps)
+    x_t = path.add_noise(x, eps, t)
+    torch.testing.assert_close(terms["dm_x0_c"], teacher.x0(x_t, t, cond, guidance=3.5))
+    assert "ca" not in terms
+
+
+@pytest.mark.parametrize("family", ["sd35_medium", "qwen_image", "pixart_sigma", "flux_dev"])
+def test_each_t2i_family_has_a_decoupled_layer(family, capsys):
+    assert main(["distill", "--dry-run", "-c", f"t2i/{family}.yaml", "-c", f"t2i/{family}_decoupled.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "objective: decoupled" in out and f"runs/t2i/{family}_decoupled" in out
+    assert ("ca_weight: 0.0" in out) == (family == "flux_dev")  # embedded guidance: no CA
+
+
+def test_embedded_decoupled_layers_change_only_the_objective_and_the_steps(capsys):
+    """The comparison is fair: the decoupled layer changes method.objective (and CA's own keys), the 4-step layer
+    the student steps; every other key is the main job's."""
+    def resolved(*layers):
+        args = [a for layer in layers for a in ("-c", layer)]
+        assert main(["distill", "--dry-run", *args]) == 0
+        cfg = OmegaConf.to_container(OmegaConf.create(capsys.readouterr().out))
+        cfg["run"].pop("out_dir")
+        return cfg
+
+    main_job = resolved()
+    one = resolved("distill_embedded_decoupled.yaml")
+    four = resolved("distill_embedded_decoupled.yaml", "distill_embedded_decoupled_4step.yaml")
+    changed = {k for k in one["method"] if one["method"][k] != main_job["method"][k]}
+    assert changed == {"objective", "ca_guidance_scale"}  # its other CA keys equal the library defaults
+    assert one["method"]["ca_guidance_scale"] == main_job["method"]["guidance_scale"]  # written out, same value
+    assert {k: v for k, v in one.items() if k != "method"} == {k: v for k, v in main_job.items() if k != "method"}
+    assert {k for k in four["method"] if four["method"][k] != one["method"][k]} == {"student_steps"}
+
+
+def test_variance_drift_is_logged_and_flagged_beyond_the_factor():
+    ref_var = torch.tensor([0.25])
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5  # per-image var ~ 0.25
+    logs = output_drift(x, torch.zeros(1), torch.full((1,), 0.5), ref_var)
+    assert abs(logs["drift/image_var_ratio"] - 1.0) < 0.1 and logs["drift/image_mean_abs"] < 0.05
+    warnings = []
+    check = VarianceDriftCheck(2.0)
+    assert check(logs, warnings.append)["health/variance_drift"] == 0.0
+    hot = output_drift(3 * x, torch.zeros(1), torch.full((1,), 0.5), ref_var)  # variance x 9
+    assert hot["drift/image_var_ratio"] > 8
+    assert check(hot, warnings.append)["health/variance_drift"] == 1.0
+    assert check(hot, warnings.append)["health/variance_drift"] == 1.0
+    assert len(warnings) == 1 and "variance_drift_factor=2.0" in warnings[0]  # once per excursion
+    assert "drift/image_var_ratio" not in output_drift(x, torch.zeros(1), torch.ones(1))  # no reference variance
