@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from test_distill_fsdp import _launch
 from test_distill_trainer import _overrides, _read_logs, tiny_teacher  # noqa: F401  (the tiny teacher fixture)
 
 from dmd_dar.cli import main
@@ -102,3 +103,15 @@ def test_meanvar_without_target_statistics_is_refused(tiny_teacher, tmp_path, ca
     assert "method.meanvar_target" in capsys.readouterr().err
     assert main(["distill", *_overrides(tiny_teacher, tmp_path / "run2", 1, *OPTIONS["meanvar"],
                                         "method.meanvar_target=[0.0,0.3]")]) == 0
+
+
+@pytest.mark.slow
+def test_two_process_decoupled_run_keeps_identical_replicas(tiny_teacher, tmp_path):  # noqa: F811
+    """Two DDP processes with the random schedule and meanvar (no critic phase; the target statistics measured by
+    the main process and read from its cache by the other) run through and keep identical replicas. (That both
+    draw the same schedules is the shared stream's property, tested above without processes.)"""
+    out = tmp_path / "run"
+    extra = ("run.cpu=true", *OPTIONS["meanvar"], "method.k_min=2", "method.k_max=4")
+    _launch(["--multi_gpu"], ["-m", "dmd_dar.cli"], _overrides(tiny_teacher, out, 3, *extra), 29521)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["replicas_identical"] is True
