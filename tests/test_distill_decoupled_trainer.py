@@ -78,6 +78,25 @@ def test_a_random_schedule_student_samples_at_1_2_and_4_steps(tiny_teacher, tmp_
         grids[k] = (folder / "grid.png").read_bytes()
     assert len(set(grids.values())) == 3  # three different samplers, not the training schedule three times
     assert json.loads((out / "export" / "dmd_dar.json").read_text())["student_timesteps"] == [1.0]
+    # An evaluation suite takes the student steps per entry.
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"""
+name: steps
+out_dir: {tmp_path / "eval"}
+models:
+  - {{name: student_1, checkpoint: {out}, steps: 1}}
+  - {{name: student_4, checkpoint: {out}, steps: 4}}
+num_per_class: 1
+device: cpu
+metrics: [spectral]
+eval: {{bootstrap: 20, report: false}}
+""")
+    assert main(["eval", f"suite={suite}"]) == 0
+    stamps = [json.loads((tmp_path / "eval" / "samples" / n / "suite_stamp.json").read_text())
+              for n in ("student_1", "student_4")]
+    assert [st["steps"] for st in stamps] == [1, 4]
+    pngs = [(tmp_path / "eval" / "samples" / n / "00000.png").read_bytes() for n in ("student_1", "student_4")]
+    assert pngs[0] != pngs[1]
 
 
 @pytest.mark.parametrize("extra, key", [
