@@ -89,6 +89,13 @@ def test_ca_times_never_exceed_the_student_time(s, steps):
         assert below.max() > min(t_k, shift(0.98, s).item()) - 0.05
 
 
+def test_uncapped_ca_times_span_the_whole_range():
+    method = _method(DecoupledDMD, make_path("flow", "velocity"), objective="decoupled", ca_timesteps="full")
+    t_student = torch.full((4000,), 0.25)
+    tau = method.ca_timesteps(t_student, torch.Generator().manual_seed(0))
+    assert (tau > 0.9).any() and (tau < 0.1).any() and (tau >= 0.02).all() and (tau <= 0.98).all()
+
+
 def test_capped_ca_times_follow_the_shifted_distribution():
     """CDF of tau = shift(u), u ~ U[lo, unshift(cap)]: P(tau <= v) = (unshift(v) - lo) / (unshift(cap) - lo)."""
     s, cap, lo = 3.0, 0.6, 0.02

@@ -23,7 +23,9 @@ SCHEDULES = ("fixed", "random")
 
 @dataclass
 class MethodConfig:
-    """DMD2 as in the official code (reference/dmd_anchors.md §2.1), with every deviation behind a flag."""
+    """DMD2 as in the official code (reference/dmd_anchors.md §2.1), with every deviation behind a flag; and
+    Decoupled DMD (``objective=decoupled``: the ``ca_*``, ``norm_floor``, ``regularizer`` and ``meanvar_*`` keys)
+    and CDM's random few-step schedule (``schedule=random``: ``k_min``, ``k_max``, ``schedule_t_*``), for either."""
 
     guidance_scale: float = 2.0  # CFG of the real score (teacher), applied in x0 space
     guidance_interval: list[float] | None = None  # [lo, hi]: the real score is guided only where lo <= t <= hi

@@ -374,9 +374,11 @@ class DecoupledDMD(DMD2):
         if cfg.ca_weight > 0 and (teacher.null_cond is None or teacher.guidance_input):
             raise UserError("method.ca_weight > 0: CFG augmentation needs the teacher's unconditional prediction, "
                             "which this teacher has not (an unconditional model, or embedded guidance as in "
-                            "Flux-dev); set method.ca_weight=0 (distribution matching only), or t2i.guidance=cfg")
+                            "Flux-dev); set method.ca_weight=0 (distribution matching only), or for Flux-dev t2i.guidance=cfg")
         if cfg.ca_weight > 0 and cfg.ca_timesteps == "capped":
-            lowest = self.shift_time(cfg.schedule_t_min) if cfg.schedule == "random" else min(student_times)
+            # the lowest student time: a random schedule's intermediate times lie above shift(schedule_t_min)
+            lowest = (float(apply_shift(torch.tensor(cfg.schedule_t_min, dtype=torch.float64), shift))
+                      if cfg.schedule == "random" else min(student_times))
             sample_capped_timesteps(torch.tensor([lowest]), cfg.ca_t_min, cfg.ca_t_max, shift,
                                     key="method.ca_t_min")  # refuses an empty range up front
         if cfg.regularizer == "meanvar" and meanvar_target is None:
@@ -387,16 +389,14 @@ class DecoupledDMD(DMD2):
                           "drifts: the generator's variance keeps growing (oversaturation, then noise)", stacklevel=2)
         self.meanvar_target = meanvar_target
 
-    def shift_time(self, u: float) -> float:
-        return float(apply_shift(torch.tensor(u, dtype=torch.float64), self.shift))
-
     @property
     def ca_scale(self) -> float:
         c = self.cfg
         return c.guidance_scale if c.ca_guidance_scale is None else c.ca_guidance_scale
 
     def ca_timesteps(self, t_student: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """CA times [B]: capped by each sample's student input time (``capped``), or the DM sampler (``full``)."""
+        """CA times [B] in ``[ca_t_min, ca_t_max]`` before the shift: capped by each sample's student input time
+        (``method.ca_timesteps=capped``), or not (``full``: Decoupled DMD's "decoupled-full" ablation)."""
         c = self.cfg
         if c.ca_timesteps == "full":
             return apply_shift(_uniform(t_student.shape[0], c.ca_t_min, c.ca_t_max, gen), self.shift).float()
