@@ -144,6 +144,17 @@ def _meanvar_target(cfg: DistillConfig, reference: dict[str, torch.Tensor] | Non
     return None
 
 
+def _teacher_reference(cfg: DistillConfig, task: DistillTask, accelerator, run_dir: Path
+                       ) -> dict[str, torch.Tensor] | None:
+    """The teacher samples' statistics (``task.reference``): on the main process (the drift logs), and on every
+    process when the meanvar regulariser takes its target from them (read from the main process's cache)."""
+    reference = task.reference(run_dir) if accelerator.is_main_process else None
+    if cfg.method.regularizer == "meanvar" and cfg.method.meanvar_target is None:
+        accelerator.wait_for_everyone()  # the main process has measured and cached it by now
+        reference = reference if accelerator.is_main_process else task.reference(run_dir)
+    return reference
+
+
 def _build_method(cfg: DistillConfig, task: DistillTask, state: TrainingState, run_dir: Path,
                   reference: dict[str, torch.Tensor] | None) -> DMD2:
     """The objective (``method.objective``: DMD2 or Decoupled DMD) over the prepared networks, with the regression
@@ -191,10 +202,7 @@ def run(cfg: DistillConfig) -> Path:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     state.prepare()
     start = state.step
-    reference = task.reference(run_dir) if main_process else None
-    if cfg.method.regularizer == "meanvar" and cfg.method.meanvar_target is None:
-        accelerator.wait_for_everyone()  # every process needs the target: the main process has cached it by now
-        reference = reference if main_process else task.reference(run_dir)
+    reference = _teacher_reference(cfg, task, accelerator, run_dir)
     method = _build_method(cfg, task, state, run_dir, reference)
     drift_check = VarianceDriftCheck(cfg.variance_drift_factor)
     if main_process:
