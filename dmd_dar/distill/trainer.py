@@ -134,11 +134,12 @@ def _phase_update(accelerator, phase: str, log_prefix: str, models: list, optimi
     return stepped, logs
 
 
-def _meanvar_target(cfg: DistillConfig, reference: dict[str, torch.Tensor] | None, channels: int):
-    """``method.meanvar_target`` per channel, or the teacher samples' per-image statistics (None: neither)."""
+def _meanvar_target(cfg: DistillConfig, reference: dict[str, torch.Tensor] | None):
+    """``method.meanvar_target`` (one value for every channel), or the teacher samples' per-image, per-channel
+    statistics; None: neither (``DecoupledDMD`` then names the keys that provide them)."""
     target = cfg.method.meanvar_target
     if target is not None:
-        return torch.full((channels,), float(target[0])), torch.full((channels,), float(target[1]))
+        return torch.tensor([float(target[0])]), torch.tensor([float(target[1])])
     if reference is not None and "image_var" in reference:
         return reference["mean"], reference["image_var"]
     return None
@@ -170,10 +171,7 @@ def _build_method(cfg: DistillConfig, task: DistillTask, state: TrainingState, r
     student = Denoiser(state.student, path, null)
     if m.objective == "dmd2":
         return DMD2(m, student, fake, task.teacher, task.student_times, **common)
-    target = None
-    if m.regularizer == "meanvar":
-        channels = int(reference["mean"].numel()) if reference is not None else 1
-        target = _meanvar_target(cfg, reference, channels)
+    target = _meanvar_target(cfg, reference) if m.regularizer == "meanvar" else None
     return DecoupledDMD(m, student, fake, task.teacher, task.student_times, meanvar_target=target, **common)
 
 
