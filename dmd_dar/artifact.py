@@ -26,6 +26,7 @@ from dmd_dar.diffusion.samplers import (
     guided,
     network_x0_fn,
     sample_ode,
+    student_timesteps,
 )
 from dmd_dar.errors import UserError
 from dmd_dar.models import load_model, save_model
@@ -107,7 +108,9 @@ def generate(model, meta: ArtifactMeta, labels: torch.Tensor, seeds: list[int], 
              cfg_scale: float | None = None, cfg_interval: list[float] | None = None, sampler: str | None = None,
              progress: bool = False) -> torch.Tensor:
     """Images in [-1, 1], [B, C, H, W], for one batch of labels and per-image seeds. A teacher's ``steps``,
-    ``cfg_scale``, ``cfg_interval`` and ``sampler`` default to its own (``meta.diffusion``)."""
+    ``cfg_scale``, ``cfg_interval`` and ``sampler`` default to its own (``meta.diffusion``). A student samples its
+    training schedule, or with ``steps`` that many student steps (``student_timesteps``: a student trained with
+    ``method.schedule=random`` samples at step counts it was not trained at)."""
     device = next(model.parameters()).device
     cfgm = model.cfg
     shape = (cfgm.in_channels, cfgm.image_size, cfgm.image_size)
@@ -117,7 +120,8 @@ def generate(model, meta: ArtifactMeta, labels: torch.Tensor, seeds: list[int], 
     path = d.make_path()
     if meta.role == "student":
         gen = torch.Generator(device=device).manual_seed(derive_seed("renoise", *seeds[:1]))
-        x = few_step_sample(network_x0_fn(model, path, labels), path, z, meta.student_timesteps, generator=gen)
+        times = meta.student_timesteps if steps is None else student_timesteps(steps, shift=d.shift)
+        x = few_step_sample(network_x0_fn(model, path, labels), path, z, times, generator=gen)
     else:
         scale = d.cfg_scale if cfg_scale is None else cfg_scale
         null = torch.full_like(labels, cfgm.num_classes)

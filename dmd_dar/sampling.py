@@ -32,7 +32,7 @@ class SampleConfig:
     num_per_class: int = 8  # images per class (text-to-image students: per prompt)
     classes: list[Any] | None = None  # class ids or names, e.g. [4, rings]; default: every class
     seed: int = 0
-    steps: int | None = None  # teacher: ODE steps (default from the model); ignored for students
+    steps: int | None = None  # teacher: ODE steps; student: student steps (default: the model's own schedule)
     cfg_scale: float | None = None  # teacher guidance (default from the model)
     cfg_interval: list[float] | None = None  # [lo, hi]: guide only where lo <= t <= hi ([0, 1]: every step);
     #                                          default from the model
@@ -114,6 +114,7 @@ def run(cfg: SampleConfig) -> Path:
     model, meta = load_artifact(folder, device=str(resolve_device(cfg.device)))
     out = Path(cfg.out_dir) if cfg.out_dir else folder / "samples"
     records = sample_folder(model, meta, out, cfg)
-    steps = len(meta.student_timesteps) if meta.role == "student" else (cfg.steps or meta.diffusion.sample_steps)
+    default = len(meta.student_timesteps) if meta.role == "student" else meta.diffusion.sample_steps
+    steps = cfg.steps or default
     print(f"wrote {len(records)} images ({meta.role}, {steps} step(s)) to {out}; grid: {out / 'grid.png'}")
     return out

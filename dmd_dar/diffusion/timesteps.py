@@ -9,7 +9,8 @@ from dmd_dar.errors import UserError
 Tensor = torch.Tensor
 
 __all__ = ["shift", "unshift", "sample_uniform", "sample_logit_normal", "sample_timesteps", "dm_timestep_range",
-           "sample_dm_timesteps", "TIMESTEP_SAMPLERS"]
+           "sample_dm_timesteps", "capped_range", "sample_capped_timesteps", "random_student_schedule",
+           "TIMESTEP_SAMPLERS"]
 
 
 def shift(t: Tensor | float, s: float) -> Tensor:
@@ -77,3 +78,47 @@ def sample_dm_timesteps(n: int, t_min: float = 0.02, t_max: float = 0.98, shift_
     dm_timestep_range(t_min, t_max, shift_s)  # validates
     u = sample_uniform(n, t_min, t_max, generator, device)
     return shift(u, shift_s) if shift_s != 1.0 else u
+
+
+def capped_range(t_min: float, t_max: float, cap: Tensor | float, shift_s: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The pre-shift interval ``[t_min, min(t_max, unshift(cap))]`` per sample (``cap``: a time after the shift).
+
+    Decoupled DMD's CA times must not exceed the student's current time ``t_k`` in the teacher's (shifted) time;
+    since the shift is increasing, ``shift(u) <= t_k`` exactly when ``u <= unshift(t_k)``. Returns (lo, hi), float64,
+    with ``cap``'s shape; an interval may be empty (``hi <= lo``): ``sample_capped_timesteps`` refuses that.
+    """
+    hi = torch.clamp(unshift(torch.as_tensor(cap, dtype=torch.float64), shift_s), max=t_max)
+    return torch.full_like(hi, t_min), hi
+
+
+def sample_capped_timesteps(cap: Tensor, t_min: float, t_max: float, shift_s: float = 1.0,
+                            generator: torch.Generator | None = None, key: str = "t_min") -> Tensor:
+    """Per-sample ``u ~ U[t_min, min(t_max, unshift(cap_b))]``, then ``shift(u, shift_s)``; shape of ``cap``, float64.
+
+    So ``tau_b <= cap_b`` and tau follows the shifted distribution restricted to the cap (the Z-Image authors'
+    recipe for Decoupled DMD's CA times). ``key``: the config key of ``t_min``, named when an interval is empty.
+    """
+    cap = torch.as_tensor(cap, dtype=torch.float64).flatten()
+    lo, hi = capped_range(t_min, t_max, cap, shift_s)
+    if bool((hi <= lo).any()):
+        worst = float(cap.min())
+        raise UserError(f"{key}={t_min}: the capped timestep range is empty for a student time of {worst:.4g} "
+                        f"(before the shift {float(unshift(worst, shift_s)):.4g}); lower {key} below that")
+    u = lo + (hi - lo) * torch.rand(cap.shape[0], generator=generator, dtype=torch.float64)
+    tau = shift(u, shift_s) if shift_s != 1.0 else u
+    return torch.minimum(tau, cap)  # shift(unshift(cap)) may round one ulp above cap
+
+
+def random_student_schedule(k_min: int, k_max: int, t_min: float, t_max: float, shift_s: float = 1.0,
+                            generator: torch.Generator | None = None) -> list[float]:
+    """A random few-step schedule (CDM's dynamic schedule): K ~ U{k_min..k_max} student times, the first 1 (pure
+    noise), the K - 1 others ``u ~ U[t_min, t_max]`` sorted decreasing, all through the teacher's shift.
+
+    Draw it from a generator every process shares, so that every process rolls out the same schedule.
+    """
+    if not 1 <= k_min <= k_max:
+        raise UserError(f"need 1 <= k_min <= k_max for a random student schedule, got {k_min}, {k_max}")
+    k = int(torch.randint(k_min, k_max + 1, (1,), generator=generator))
+    inner = t_min + (t_max - t_min) * torch.rand(k - 1, generator=generator, dtype=torch.float64)
+    u = torch.cat([torch.ones(1, dtype=torch.float64), inner.sort(descending=True).values])
+    return [float(v) for v in (shift(u, shift_s) if shift_s != 1.0 else u)]

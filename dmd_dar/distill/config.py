@@ -15,11 +15,17 @@ from dmd_dar.training.run import RunConfig
 REGRESSION_KINDS = ("mse", "lpips")
 GAN_FEATURES = ("final", "mid")
 TEACHER_KINDS = ("native", "diffusers")
+OBJECTIVES = ("dmd2", "decoupled")
+REGULARIZERS = ("dm", "meanvar", "gan")
+CA_TIMESTEPS = ("capped", "full")
+SCHEDULES = ("fixed", "random")
 
 
 @dataclass
 class MethodConfig:
-    """DMD2 as in the official code (reference/dmd_anchors.md §2.1), with every deviation behind a flag."""
+    """DMD2 as in the official code (reference/dmd_anchors.md §2.1), with every deviation behind a flag; and
+    Decoupled DMD (``objective=decoupled``: the ``ca_*``, ``norm_floor``, ``regularizer`` and ``meanvar_*`` keys)
+    and CDM's random few-step schedule (``schedule=random``: ``k_min``, ``k_max``, ``schedule_t_*``), for either."""
 
     guidance_scale: float = 2.0  # CFG of the real score (teacher), applied in x0 space
     guidance_interval: list[float] | None = None  # [lo, hi]: the real score is guided only where lo <= t <= hi
@@ -43,6 +49,23 @@ class MethodConfig:
     regression_steps: int = 25  # teacher ODE steps for the pairs
     regression_cache: str | None = None  # folder for the cached pairs (default: the run directory); runs that share
     #                                      a teacher may share it
+    # Decoupled DMD (Liu et al. 2025, arXiv 2511.22677): DMD2's update split into CA and DM, each on its own x_t
+    objective: str = "dmd2"  # dmd2 (one coupled update) | decoupled (CA + regulariser terms; method.DecoupledDMD)
+    ca_weight: float = 1.0  # decoupled: weight of CA, -(w - 1)(x0_c - x0_u); 0 = pure distribution matching
+    ca_guidance_scale: float | None = None  # decoupled: CA's scale w (default: method.guidance_scale)
+    ca_timesteps: str = "capped"  # decoupled: capped (tau_CA <= the student's input time t_k) | full (the DM range)
+    ca_t_min: float = 0.02  # decoupled: CA timestep range, fraction of [0, 1] before the teacher's shift
+    ca_t_max: float = 0.98
+    norm_floor: float = 1e-3  # decoupled: floor of each term's per-sample normaliser mean|x - x0_c| (data units)
+    regularizer: str = "dm"  # decoupled: dm (fake score, weight dm_weight) | meanvar (per-image mean/var KL to the
+    #                          teacher's statistics, meanvar_weight) | gan (the GAN head on teacher features alone)
+    meanvar_weight: float = 1.0
+    meanvar_target: list[float] | None = None  # [mean, var] of every channel; null = measured from teacher samples
+    schedule: str = "fixed"  # fixed (student_steps) | random (CDM: K in [k_min, k_max] steps per generator update)
+    k_min: int = 1
+    k_max: int = 4
+    schedule_t_min: float = 0.25  # random: intermediate student times drawn in this range before the shift (CDM)
+    schedule_t_max: float = 0.95
 
     def __post_init__(self) -> None:
         check_guidance_interval(self.guidance_interval, "method.guidance_interval")
@@ -65,6 +88,39 @@ class MethodConfig:
             raise UserError(f"method.regression_loss={self.regression_loss!r}; choose one of mse, lpips")
         if self.gan_feature not in GAN_FEATURES:
             raise UserError(f"method.gan_feature={self.gan_feature!r}; choose one of final, mid")
+        self._check_decoupled()
+
+    def _check_decoupled(self) -> None:
+        for key, allowed in (("objective", OBJECTIVES), ("regularizer", REGULARIZERS),
+                             ("ca_timesteps", CA_TIMESTEPS), ("schedule", SCHEDULES)):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"method.{key}={getattr(self, key)!r}; choose one of {', '.join(allowed)}")
+        for key in ("ca_weight", "meanvar_weight", "norm_floor"):
+            if getattr(self, key) < 0:
+                raise UserError(f"method.{key}={getattr(self, key)} must be >= 0")
+        if not 0.0 <= self.ca_t_min < self.ca_t_max <= 1.0:
+            raise UserError(f"method.ca_t_min={self.ca_t_min}, method.ca_t_max={self.ca_t_max}: need "
+                            f"0 <= ca_t_min < ca_t_max <= 1")
+        if self.objective == "dmd2" and self.regularizer != "dm":
+            raise UserError(f"method.regularizer={self.regularizer} needs method.objective=decoupled (DMD2's "
+                            f"coupled update always contains DM); set method.objective=decoupled")
+        if self.regularizer == "gan" and self.gan_weight <= 0:
+            raise UserError("method.regularizer=gan needs method.gan_weight > 0 (the GAN is then the only "
+                            "regulariser); set method.gan_weight=0.1, or method.regularizer=dm")
+        if self.meanvar_target is not None and (len(self.meanvar_target) != 2 or self.meanvar_target[1] <= 0):
+            raise UserError(f"method.meanvar_target={list(self.meanvar_target)} must be [mean, var] with var > 0, "
+                            f"or null to measure it from teacher samples")
+        if self.k_min < 1 or self.k_min > self.k_max:
+            raise UserError(f"method.k_min={self.k_min}, method.k_max={self.k_max}: need 1 <= k_min <= k_max "
+                            f"(the random schedule's student step counts)")
+        if not 0.0 < self.schedule_t_min < self.schedule_t_max < 1.0:
+            raise UserError(f"method.schedule_t_min={self.schedule_t_min}, method.schedule_t_max="
+                            f"{self.schedule_t_max}: need 0 < schedule_t_min < schedule_t_max < 1")
+
+    @property
+    def needs_fake_score(self) -> bool:
+        """Whether a fake score is built and trained: DMD2 always; Decoupled DMD only with regularizer=dm."""
+        return self.objective == "dmd2" or self.regularizer == "dm"
 
 
 @dataclass
@@ -148,6 +204,8 @@ class DistillConfig:
     ema_decay: float = 0.99  # 0: no EMA, grids and export use the raw student (FSDP: per-shard EMA)
     debug_grid_every: int = 300  # dump generator / real-score / fake-score x0 grids; 0 disables
     max_bad_steps: int = 10  # consecutive non-finite steps before stopping
+    variance_drift_factor: float = 2.0  # health: flag per-image variance beyond x factor (or below / factor) of the
+    #                                     teacher samples' (CA's failure signature: variance that keeps growing)
     t2i: T2IConfig = field(default_factory=T2IConfig)  # networks.teacher_kind=diffusers only
 
     def __post_init__(self) -> None:
@@ -159,3 +217,6 @@ class DistillConfig:
             raise UserError(f"debug_grid_every={self.debug_grid_every} must be >= 0 (0 disables the grids)")
         if self.max_bad_steps < 1:
             raise UserError(f"max_bad_steps={self.max_bad_steps} must be >= 1")
+        if self.variance_drift_factor <= 1:
+            raise UserError(f"variance_drift_factor={self.variance_drift_factor} must be > 1 (a ratio to the "
+                            f"teacher samples' per-image variance)")

@@ -41,6 +41,9 @@ class Denoiser:
     net: nn.Module
     path: NoisePath | None
     null_cond: Callable[[Any], Any] | None = None
+    # True for guidance-distilled teachers (Flux-dev) whose guidance scale is a network input of one pass:
+    # they have no unconditional prediction (Decoupled DMD refuses CA with them).
+    guidance_input = False  # a class attribute, not a field: the subclass that has it sets it
 
     def __post_init__(self) -> None:
         if self.path is None or not getattr(self.path, "prediction", None):
@@ -57,8 +60,13 @@ class Denoiser:
         inside = guidance_mask(t, interval)
         if guidance == 1.0 or (inside is not None and not bool(inside.any())):
             return self.path.pred_to_x0(self.pred(x_t, t, cond), x_t, t)
+        x0_c, x0_u = self.x0_cond_uncond(x_t, t, cond)
+        return where_guided(inside, cfg_x0(x0_c, x0_u, guidance), x0_c)
+
+    def x0_cond_uncond(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional x0, unconditional x0), in one batched forward."""
         if self.null_cond is None:
             raise UserError("guidance != 1 needs a conditional network with a null condition")
         both = self.pred(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditions(cond, self.null_cond(cond)))
         x0_c, x0_u = self.path.pred_to_x0(both, torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
-        return where_guided(inside, cfg_x0(x0_c, x0_u, guidance), x0_c)
+        return x0_c, x0_u

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dmd_dar.distill.losses import image_moments
 from dmd_dar.errors import UserError
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -20,12 +21,40 @@ def per_bucket_rms(values: torch.Tensor, t: torch.Tensor, prefix: str, edges=T_B
     return out
 
 
-def output_drift(x: torch.Tensor, ref_mean: torch.Tensor, ref_std: torch.Tensor) -> dict[str, float]:
-    """How far the generator's per-channel mean/std drifted from the teacher's samples'."""
+def output_drift(x: torch.Tensor, ref_mean: torch.Tensor, ref_std: torch.Tensor,
+                 ref_image_var: torch.Tensor | None = None) -> dict[str, float]:
+    """How far the generator's per-channel mean/std drifted from the teacher's samples'; with ``ref_image_var``
+    (the teacher samples' mean per-image, per-channel variance [C]) also the per-image variance ratio, which
+    grows steadily when CFG augmentation drifts (oversaturation, then high-frequency noise)."""
     mean = x.float().mean(dim=(0, 2, 3))
     std = x.float().std(dim=(0, 2, 3))
-    return {"drift/mean_abs": (mean - ref_mean.to(mean)).abs().mean().item(),
-            "drift/std_ratio": (std / ref_std.to(std).clamp_min(1e-8)).mean().item()}
+    out = {"drift/mean_abs": (mean - ref_mean.to(mean)).abs().mean().item(),
+           "drift/std_ratio": (std / ref_std.to(std).clamp_min(1e-8)).mean().item()}
+    if ref_image_var is not None:
+        image_mean, image_var = image_moments(x)
+        out["drift/image_mean_abs"] = (image_mean.mean(0) - ref_mean.to(mean)).abs().mean().item()
+        out["drift/image_var_ratio"] = (image_var.mean(0) / ref_image_var.to(mean).clamp_min(1e-8)).mean().item()
+    return out
+
+
+class VarianceDriftCheck:
+    """Flags ``drift/image_var_ratio`` beyond ``factor`` (or below 1 / ``factor``) as ``health/variance_drift``
+    (1 or 0) and warns once per excursion (``DistillConfig.variance_drift_factor``)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor, self.flagged = factor, False
+
+    def __call__(self, logs: dict[str, float], warn=print) -> dict[str, float]:
+        ratio = logs.get("drift/image_var_ratio")
+        if ratio is None:
+            return logs
+        drifted = not 1.0 / self.factor <= ratio <= self.factor
+        if drifted and not self.flagged:
+            warn(f"warning: the generator's per-image variance is {ratio:.3g}x the teacher samples' (beyond "
+                 f"variance_drift_factor={self.factor}): CA drift (oversaturation) or collapse; raise "
+                 f"method.dm_weight or lower method.ca_weight / method.ca_guidance_scale")
+        self.flagged = drifted
+        return {**logs, "health/variance_drift": float(drifted)}
 
 
 def grad_norm_wrt(loss: torch.Tensor, x: torch.Tensor) -> float:

@@ -5,7 +5,8 @@ On disk (``training.checkpoint``): the weights ``generator``, ``fake_score`` [, 
 ``optim_fake``]; ``state.json`` with step, ``ema_updates``, ``bad_steps_total``, ``num_processes``,
 ``sharded`` and the teacher's digest; under FSDP each process's optimizer and EMA pieces in
 ``process_state/``. These names are the checkpoint format: a run resumes from checkpoints written by earlier
-versions.
+versions. A run without a fake score (Decoupled DMD with ``method.regularizer=meanvar|gan``) has no
+``fake_score``; one without any critic (no fake score, no GAN head) has no fake optimizer or scheduler either.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ class TrainingState:
 
     strategy: Strategy
     student: nn.Module
-    fake: nn.Module
+    fake: nn.Module | None  # None: the method needs no fake score (MethodConfig.needs_fake_score)
     gan_head: nn.Module | None
     g_opt: torch.optim.Optimizer
-    f_opt: torch.optim.Optimizer
+    f_opt: torch.optim.Optimizer | None  # None: no critic (no fake score, no GAN head)
     g_sched: torch.optim.lr_scheduler.LRScheduler
-    f_sched: torch.optim.lr_scheduler.LRScheduler
+    f_sched: torch.optim.lr_scheduler.LRScheduler | None
     guard: BadStepGuard
     ema: EMA | ShardedEMA | None
     ema_decay: float
@@ -59,40 +60,43 @@ class TrainingState:
     def build(cls, cfg: DistillConfig, task: DistillTask, strategy: Strategy) -> TrainingState:
         """Fresh networks and optimizers of a run (new parameters draw from the global RNG: seed it first)."""
         student = task.build_network(cfg.networks.student_routing, cfg.networks.gradient_checkpointing)
-        fake = task.build_network(cfg.networks.fake_routing, cfg.networks.gradient_checkpointing)
+        fake = None
+        if cfg.method.needs_fake_score:
+            fake = task.build_network(cfg.networks.fake_routing, cfg.networks.gradient_checkpointing)
         gan_head = GANHead(task.feature_dim) if cfg.method.gan_weight > 0 else None
         g, f = cfg.generator_optim, cfg.fake_optim
         g_opt = build_optimizer(task.param_groups(student, g.lr, g.routing_lr, g.weight_decay), g)
-        f_groups = task.param_groups(fake, f.lr, f.routing_lr, f.weight_decay)
+        f_groups = task.param_groups(fake, f.lr, f.routing_lr, f.weight_decay) if fake is not None else []
         if gan_head is not None:
             f_groups.append({"params": list(gan_head.parameters()), "lr": f.lr, "weight_decay": 0.0})
-        f_opt = build_optimizer(f_groups, f)
+        f_opt = build_optimizer(f_groups, f) if f_groups else None
         g_updates = math.ceil(g.horizon(cfg.run.steps) / cfg.method.ttur)  # the generator's own update count
         return cls(strategy=strategy, student=student, fake=fake, gan_head=gan_head, g_opt=g_opt,
                    f_opt=f_opt, g_sched=lr_schedule(g_opt, g, g_updates),
-                   f_sched=lr_schedule(f_opt, f, f.horizon(cfg.run.steps)),
+                   f_sched=lr_schedule(f_opt, f, f.horizon(cfg.run.steps)) if f_opt is not None else None,
                    guard=BadStepGuard(cfg.max_bad_steps),
                    ema=strategy.ema_before_prepare(student, cfg.ema_decay), ema_decay=cfg.ema_decay,
                    teacher=task.teacher_identity(), teacher_source=cfg.networks.teacher)
 
     @property
     def critic_networks(self) -> list[nn.Module]:
-        """What the critic phase trains: the fake score [and the GAN head]."""
-        return [self.fake, *([self.gan_head] if self.gan_head is not None else [])]
+        """What the critic phase trains: the fake score [and the GAN head]; empty: no critic phase."""
+        return [m for m in (self.fake, self.gan_head) if m is not None]
 
     def prepare(self) -> None:
         """Wrap networks and optimizers for the launch (accelerate's ``prepare``), make the EMA the strategy
         trains with, and restore the per-process pieces of a resumed checkpoint."""
-        head = [self.gan_head] if self.gan_head is not None else []
-        prepared = self.strategy.accelerator.prepare(self.student, self.fake, self.g_opt, self.f_opt, *head)
-        self.student, self.fake, self.g_opt, self.f_opt = prepared[:4]
-        self.gan_head = prepared[4] if self.gan_head is not None else None
+        names = [n for n in ("student", "fake", "g_opt", "f_opt", "gan_head") if getattr(self, n) is not None]
+        prepared = self.strategy.accelerator.prepare(*(getattr(self, n) for n in names))
+        for name, obj in zip(names, prepared if len(names) > 1 else [prepared]):
+            setattr(self, name, obj)
         self.ema = self.strategy.ema_after_prepare(self.student, self.ema, self.ema_decay)
         resumed, self._resumed = self._resumed, None
         if resumed is not None and resumed["process"] is not None:
             own = resumed["process"]
             self.g_opt.load_state_dict(own["generator"])
-            self.f_opt.load_state_dict(own["fake"])
+            if self.f_opt is not None:
+                self.f_opt.load_state_dict(own["fake"])
             if self.ema is not None:
                 self.ema.load_state_dict(own["ema"], resumed["ema_updates"])
 
@@ -109,11 +113,16 @@ class TrainingState:
         """``{"networks", "optimizers", "state", "process"}`` (``Strategy.save`` writes it). Every process
         calls it: gathering sharded weights is a collective."""
         s = self.strategy
-        networks = {"generator": s.full_state_dict(self.student), "fake_score": s.full_state_dict(self.fake)}
+        networks = {"generator": s.full_state_dict(self.student)}
+        if self.fake is not None:
+            networks["fake_score"] = s.full_state_dict(self.fake)
         if self.gan_head is not None:
             networks["gan_head"] = s.full_state_dict(self.gan_head)
-        optimizers = {"generator_sched": self.g_sched.state_dict(), "fake_sched": self.f_sched.state_dict()}
-        own = {"generator": self.g_opt.state_dict(), "fake": self.f_opt.state_dict()}
+        optimizers = {"generator_sched": self.g_sched.state_dict()}
+        own = {"generator": self.g_opt.state_dict()}
+        if self.f_opt is not None:
+            optimizers["fake_sched"] = self.f_sched.state_dict()
+            own["fake"] = self.f_opt.state_dict()
         ema = self.ema.state_dict() if self.ema is not None else None
         process = None
         if s.per_process_state:
@@ -138,7 +147,8 @@ class TrainingState:
                             f"a new run in another folder (run.out_dir=<new folder>) or delete {run_dir}")
         try:
             self.student.load_state_dict(nets["generator"])
-            self.fake.load_state_dict(nets["fake_score"])
+            if self.fake is not None:
+                self.fake.load_state_dict(nets["fake_score"])
         except RuntimeError as err:  # e.g. a checkpoint of an older teacher architecture
             first = str(err).strip().splitlines()
             raise UserError(f"{source} does not fit the networks this config builds "
@@ -151,9 +161,11 @@ class TrainingState:
             if self.ema is not None:
                 self.ema.load_state_dict(nets["generator_ema"], state["ema_updates"])
             self.g_opt.load_state_dict(opts["generator"])
-            self.f_opt.load_state_dict(opts["fake"])
+            if self.f_opt is not None:
+                self.f_opt.load_state_dict(opts["fake"])
         self.g_sched.load_state_dict(opts["generator_sched"])
-        self.f_sched.load_state_dict(opts["fake_sched"])
+        if self.f_sched is not None:
+            self.f_sched.load_state_dict(opts["fake_sched"])
         self.step = state["step"]
         self.guard.total = state.get("bad_steps_total", 0)
         self._resumed = {"process": checkpoint["process"], "ema_updates": state["ema_updates"]}

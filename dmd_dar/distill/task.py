@@ -21,6 +21,7 @@ from dmd_dar.artifact import ArtifactMeta, generate, load_artifact, resolve_chec
 from dmd_dar.diffusion.noise import make_noise
 from dmd_dar.diffusion.samplers import student_timesteps
 from dmd_dar.distill.denoiser import Denoiser, class_null_cond
+from dmd_dar.distill.losses import image_moments
 from dmd_dar.distill.method import Batch, RegressionPairs
 from dmd_dar.errors import UserError
 from dmd_dar.models import param_groups, to_dar
@@ -56,7 +57,8 @@ class DistillTask:
         return x
 
     def reference(self, run_dir: Path) -> dict[str, torch.Tensor]:
-        """Per-channel mean/std of teacher samples (the drift reference)."""
+        """Per-channel mean/std of teacher samples (the drift reference) [and ``image_var``: their mean per-image,
+        per-channel variance, the meanvar regulariser's target and the variance-drift reference]."""
         raise NotImplementedError
 
     def teacher_identity(self) -> str | None:
@@ -173,10 +175,13 @@ class NativeTask(DistillTask):
     def reference(self, run_dir: Path, n: int = 64) -> dict[str, torch.Tensor]:
         path = run_dir / "teacher_reference.safetensors"
         if path.is_file():
-            return load_safetensors(path)
+            ref = load_safetensors(path)
+            if "image_var" in ref:  # files of earlier versions lack it: measured again below
+                return ref
         labels = torch.arange(n) % max(self.num_classes, 1)
         x = self.sample(self.net, labels, [derive_seed("teacher-ref", i) for i in range(n)], as_teacher=True)
-        ref = {"mean": x.mean(dim=(0, 2, 3)), "std": x.std(dim=(0, 2, 3)), "samples": x[:16]}
+        ref = {"mean": x.mean(dim=(0, 2, 3)), "std": x.std(dim=(0, 2, 3)), "samples": x[:16],
+               "image_var": image_moments(x)[1].mean(0)}  # mean per-image variance [C]: meanvar's target
         atomic_save_safetensors(ref, path)
         return ref
 

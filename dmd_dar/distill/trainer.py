@@ -22,8 +22,8 @@ from dmd_dar.config import check_resume_config, save_config, to_yaml
 from dmd_dar.data.manifest import save_grid
 from dmd_dar.distill.config import DistillConfig
 from dmd_dar.distill.denoiser import Denoiser
-from dmd_dar.distill.health import BadStepGuard, output_drift
-from dmd_dar.distill.method import DMD2, MicroBatch
+from dmd_dar.distill.health import BadStepGuard, VarianceDriftCheck, output_drift
+from dmd_dar.distill.method import DMD2, DecoupledDMD, MicroBatch
 from dmd_dar.distill.state import TrainingState
 from dmd_dar.distill.task import DistillTask, NativeTask
 from dmd_dar.errors import UserError
@@ -134,17 +134,45 @@ def _phase_update(accelerator, phase: str, log_prefix: str, models: list, optimi
     return stepped, logs
 
 
-def _build_method(cfg: DistillConfig, task: DistillTask, state: TrainingState, run_dir: Path) -> DMD2:
-    """The DMD2 objective over the prepared networks (and the regression pairs / LPIPS it may need)."""
+def _meanvar_target(cfg: DistillConfig, reference: dict[str, torch.Tensor] | None):
+    """``method.meanvar_target`` (one value for every channel), or the teacher samples' per-image, per-channel
+    statistics; None: neither (``DecoupledDMD`` then names the keys that provide them)."""
+    target = cfg.method.meanvar_target
+    if target is not None:
+        return torch.tensor([float(target[0])]), torch.tensor([float(target[1])])
+    if reference is not None and "image_var" in reference:
+        return reference["mean"], reference["image_var"]
+    return None
+
+
+def _teacher_reference(cfg: DistillConfig, task: DistillTask, accelerator, run_dir: Path
+                       ) -> dict[str, torch.Tensor] | None:
+    """The teacher samples' statistics (``task.reference``): on the main process (the drift logs), and on every
+    process when the meanvar regulariser takes its target from them (read from the main process's cache)."""
+    reference = task.reference(run_dir) if accelerator.is_main_process else None
+    if cfg.method.regularizer == "meanvar" and cfg.method.meanvar_target is None:
+        accelerator.wait_for_everyone()  # the main process has measured and cached it by now
+        reference = reference if accelerator.is_main_process else task.reference(run_dir)
+    return reference
+
+
+def _build_method(cfg: DistillConfig, task: DistillTask, state: TrainingState, run_dir: Path,
+                  reference: dict[str, torch.Tensor] | None) -> DMD2:
+    """The objective (``method.objective``: DMD2 or Decoupled DMD) over the prepared networks, with the regression
+    pairs / LPIPS / target statistics it may need. ``reference``: the teacher samples' statistics, if any."""
     path, null = task.teacher.path, task.teacher.null_cond
     m = cfg.method
     regression = None
     if m.regression_weight > 0:
         regression = task.regression_pairs(Path(m.regression_cache or run_dir), m.regression_pairs,
                                            m.regression_steps)
-    return DMD2(m, Denoiser(state.student, path, null), Denoiser(state.fake, path, null),
-                task.teacher, task.student_times, shift=task.shift, gan_head=state.gan_head,
-                regression=regression, lpips_fn=_lpips_fn(cfg))
+    fake = Denoiser(state.fake, path, null) if state.fake is not None else None
+    common = dict(shift=task.shift, gan_head=state.gan_head, regression=regression, lpips_fn=_lpips_fn(cfg))
+    student = Denoiser(state.student, path, null)
+    if m.objective == "dmd2":
+        return DMD2(m, student, fake, task.teacher, task.student_times, **common)
+    target = _meanvar_target(cfg, reference) if m.regularizer == "meanvar" else None
+    return DecoupledDMD(m, student, fake, task.teacher, task.student_times, meanvar_target=target, **common)
 
 
 def run(cfg: DistillConfig) -> Path:
@@ -172,8 +200,9 @@ def run(cfg: DistillConfig) -> Path:
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     state.prepare()
     start = state.step
-    method = _build_method(cfg, task, state, run_dir)
-    reference = task.reference(run_dir) if main_process else None
+    reference = _teacher_reference(cfg, task, accelerator, run_dir)
+    method = _build_method(cfg, task, state, run_dir, reference)
+    drift_check = VarianceDriftCheck(cfg.variance_drift_factor)
     if main_process:
         accelerator.init_trackers("distill")
     # A plain student to gather sharded (FSDP) weights into for grids and export.
@@ -182,7 +211,7 @@ def run(cfg: DistillConfig) -> Path:
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="distill",
                disable=not (cfg.run.progress and main_process))
     last_logs: dict[str, float] = {}
-    critic_params = [p for grp in state.f_opt.param_groups for p in grp["params"]]
+    critic_params = [p for grp in state.f_opt.param_groups for p in grp["params"]] if state.f_opt else []
     for step in bar:
         micro = _micro_batches(cfg, task, step, accelerator, method.needs_real)
         logs: dict[str, float] = {}
@@ -196,15 +225,18 @@ def run(cfg: DistillConfig) -> Path:
             logs.update(g_logs)
             if stepped:
                 state.update_ema()
-            if reference is not None:
+            if reference is not None and main_process:
                 samples = torch.cat([mb.sample for mb in micro])
-                logs.update(output_drift(samples, reference["mean"], reference["std"]))
+                logs.update(drift_check(output_drift(samples, reference["mean"], reference["std"],
+                                                     reference.get("image_var")), accelerator.print))
             if cfg.debug_grid_every and main_process and step % cfg.debug_grid_every == 0:
                 _debug_grid(task, micro[0].debug, run_dir / "debug" / f"step_{step:07d}.png")
-        state.fake.train()
-        logs.update(_phase_update(accelerator, "critic", "critic", state.critic_networks, state.f_opt,
-                                  state.f_sched, critic_params, cfg.fake_optim.grad_clip, state.guard,
-                                  method.critic_step, micro)[1])
+        if state.critic_networks:  # none for Decoupled DMD with the meanvar regulariser alone
+            for net in state.critic_networks:
+                net.train()
+            logs.update(_phase_update(accelerator, "critic", "critic", state.critic_networks, state.f_opt,
+                                      state.f_sched, critic_params, cfg.fake_optim.grad_clip, state.guard,
+                                      method.critic_step, micro)[1])
         last_logs.update(logs)
         state.step = done = step + 1
         if do_log:
@@ -231,7 +263,8 @@ def run(cfg: DistillConfig) -> Path:
 def _log(accelerator, bar, run_dir: Path, done: int, logs: dict[str, float]) -> None:
     """Send the latest logs to the trackers, the progress bar and (main process) ``metrics.jsonl``."""
     accelerator.log(logs, step=done)
-    bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("gen/dm_loss", "critic/fake_loss") if k in logs})
+    bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("gen/dm_loss", "gen/proxy_loss", "critic/fake_loss")
+                     if k in logs})
     if accelerator.is_main_process:
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": done, **logs}) + "\n")
@@ -261,6 +294,8 @@ def _sample_grid(task: DistillTask, model, path: Path, per_cond: int = 8) -> Non
 
 
 def _debug_grid(task: DistillTask, debug: dict[str, torch.Tensor], path: Path, n: int = 8) -> None:
-    """Rows: generator output, real-score x0, fake-score x0 (same x_t) — what users look at to debug collapse."""
-    rows = [task.decode(debug[k][:n]).float().clamp(-1, 1).cpu() for k in ("generator", "real_x0", "fake_x0")]
+    """Rows: generator output, real-score x0, fake-score x0 (same x_t) — what users look at to debug collapse.
+    (Without a fake score, Decoupled DMD has no third row.)"""
+    rows = [task.decode(debug[k][:n]).float().clamp(-1, 1).cpu() for k in ("generator", "real_x0", "fake_x0")
+            if k in debug]
     save_grid(torch.cat(rows), path, nrow=rows[0].shape[0])

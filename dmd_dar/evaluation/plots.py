@@ -99,8 +99,10 @@ def hf_gap_per_group_plot(result: Evaluation, max_groups: int = 24) -> bytes | N
             d = per[g].gap
             xs.append(i + (k - (len(comps) - 1) / 2) * width)
             ys.append(d.estimate)
-            lo.append(d.estimate - d.low if math.isfinite(d.low) else 0.0)
-            hi.append(d.high - d.estimate if math.isfinite(d.high) else 0.0)
+            # A percentile interval need not contain the estimate (few images per group): matplotlib refuses a
+            # negative error bar, so such a side is drawn as none.
+            lo.append(max(0.0, d.estimate - d.low) if math.isfinite(d.low) else 0.0)
+            hi.append(max(0.0, d.high - d.estimate) if math.isfinite(d.high) else 0.0)
         ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=c.name)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(groups)))

@@ -55,7 +55,7 @@ class SuiteModel:
     name: str = "???"
     checkpoint: str | None = None  # an exported dmd-dar model (sampled here)
     samples: str | None = None  # or a sample folder generated elsewhere (PNG + manifest.jsonl)
-    steps: int | None = None  # teacher ODE steps (default: the model's); students use their own schedule
+    steps: int | None = None  # teacher: ODE steps; student: student steps (default: the model's own schedule)
     cfg_scale: float | None = None  # teacher guidance (default: the model's)
     cfg_interval: list[float] | None = None  # [lo, hi]: guide only where lo <= t <= hi (default: the model's)
     sampler: str | None = None  # euler | heun | ddim (default: the model's)

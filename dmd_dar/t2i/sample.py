@@ -13,7 +13,7 @@ import torch
 from dmd_dar.data.manifest import save_grid, save_png_folder
 from dmd_dar.diffusion.noise import make_noise
 from dmd_dar.diffusion.paths import make_path
-from dmd_dar.diffusion.samplers import few_step_sample, network_x0_fn
+from dmd_dar.diffusion.samplers import few_step_sample, network_x0_fn, student_timesteps
 from dmd_dar.errors import UserError
 from dmd_dar.t2i import embeddings as E
 from dmd_dar.t2i import loading as L
@@ -73,6 +73,7 @@ def sample_t2i(cfg, folder: Path) -> Path:
     family = FAMILIES[info["family"]]
     path = make_path(info["path"], info["prediction"], **(info.get("vp_schedule") or {}))
     conds, vae = text_conditions(info, prompts, device)
+    times = info["student_timesteps"] if cfg.steps is None else student_timesteps(cfg.steps, shift=info["shift"])
     jobs = [(p, cfg.seed + k) for p in range(len(prompts)) for k in range(cfg.num_per_class)]
     images, records = [], []
     for start in range(0, len(jobs), cfg.batch_size):
@@ -86,7 +87,7 @@ def sample_t2i(cfg, folder: Path) -> Path:
         z = make_noise(seeds, tuple(info["latent_shape"]), device)
         gen = torch.Generator(device=device).manual_seed(derive_seed("renoise", seeds[0]))
         with torch.no_grad():
-            x = few_step_sample(network_x0_fn(net, path, cond), path, z, info["student_timesteps"], generator=gen)
+            x = few_step_sample(network_x0_fn(net, path, cond), path, z, times, generator=gen)
             for i in range(0, x.shape[0], 4):  # the VAE decoder is the memory peak at 1024^2
                 images.append(family.decode_latents(vae, x[i:i + 4]).cpu())
         for (p, s), noise_seed in zip(chunk, seeds):
@@ -96,6 +97,6 @@ def sample_t2i(cfg, folder: Path) -> Path:
     all_images = torch.cat(images)
     save_png_folder(all_images, out, records)
     save_grid(all_images, out / "grid.png", nrow=cfg.num_per_class)
-    print(f"wrote {len(records)} images (T2I student, {len(info['student_timesteps'])} step(s)) to {out}; "
+    print(f"wrote {len(records)} images (T2I student, {len(times)} step(s)) to {out}; "
           f"grid: {out / 'grid.png'}")
     return out

@@ -38,6 +38,7 @@ from dmd_dar.diffusion.noise import make_noise
 from dmd_dar.diffusion.paths import make_path
 from dmd_dar.diffusion.samplers import few_step_sample, guided, network_x0_fn, sample_ode, student_timesteps
 from dmd_dar.distill.denoiser import Denoiser
+from dmd_dar.distill.losses import image_moments
 from dmd_dar.distill.method import Batch
 from dmd_dar.distill.task import DistillTask, disable_dropout
 from dmd_dar.errors import UserError
@@ -56,6 +57,8 @@ from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
 
 class EmbeddedGuidanceDenoiser(Denoiser):
     """A guidance-distilled teacher (Flux-dev): the guidance scale is an input of one forward pass, not CFG."""
+
+    guidance_input = True
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond, guidance: float = 1.0, interval=None) -> torch.Tensor:
         if interval is not None:  # DistillTask refuses the combination up front; this guards direct use
@@ -329,7 +332,8 @@ class DiffusersT2ITask(DistillTask):
         cond = self.condition([self.prompts[i] for i in idx], idx)
         x = self.sample(self.teacher.net, cond, [derive_seed("teacher-ref", i) for i in range(n)], as_teacher=True)
         x = x.float().cpu()
-        ref = {"mean": x.mean(dim=(0, 2, 3)), "std": x.std(dim=(0, 2, 3)), "samples": x[:16]}
+        ref = {"mean": x.mean(dim=(0, 2, 3)), "std": x.std(dim=(0, 2, 3)), "samples": x[:16],
+               "image_var": image_moments(x)[1].mean(0)}  # Decoupled DMD's meanvar target
         atomic_save_safetensors(ref, path)
         return ref
 
