@@ -202,9 +202,12 @@ def run(cfg: DistillConfig) -> Path:
             if cfg.debug_grid_every and main_process and step % cfg.debug_grid_every == 0:
                 _debug_grid(task, micro[0].debug, run_dir / "debug" / f"step_{step:07d}.png")
         state.fake.train()
-        logs.update(_phase_update(accelerator, "critic", "critic", state.critic_networks, state.f_opt,
-                                  state.f_sched, critic_params, cfg.fake_optim.grad_clip, state.guard,
-                                  method.critic_step, micro)[1])
+        critic_stepped, critic_logs = _phase_update(accelerator, "critic", "critic", state.critic_networks,
+                                                    state.f_opt, state.f_sched, critic_params,
+                                                    cfg.fake_optim.grad_clip, state.guard, method.critic_step, micro)
+        logs.update(critic_logs)
+        if critic_stepped:
+            state.track_student()
         last_logs.update(logs)
         state.step = done = step + 1
         if do_log:
