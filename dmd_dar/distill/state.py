@@ -118,7 +118,7 @@ class TrainingState:
             return
         pairs = _shared_tensors(self.strategy.ema_source(self.student), self.strategy.ema_source(self.fake))
         fake = [f for _, f in pairs]
-        torch._foreach_lerp_(fake, [s.to(f.dtype) for s, _ in pairs], 1.0 - self.fake_track_student)
+        torch._foreach_lerp_(fake, [s.to(f.dtype) for s, f in pairs], 1.0 - self.fake_track_student)
 
     def update_ema(self) -> None:
         if self.ema is not None:
