@@ -133,7 +133,7 @@ class SharedBase:
         self.transformer = transformer.requires_grad_(False).eval()
         self._bound: tuple[int, str] | None = None  # (id of the bound leaves, slot); None: adapters off
         self._bound_leaves: nn.ModuleDict | None = None
-        self._slots: dict[str, nn.ModuleDict] = {}  # the matrices each slot was injected with
+        self.slots: dict[str, nn.ModuleDict] = {}  # adapter name -> the matrices it was injected with
         self._layers: list[tuple[str, nn.Module]] = []
         # What run_sublayer (dmd_dar.backbones.common) calls around a checkpointed sublayer.
         transformer.dmd_dar_checkpointable = self.checkpointable
@@ -149,8 +149,8 @@ class SharedBase:
         self._bound = None
         leaves = nn.ModuleDict({_leaf_key(path): nn.ModuleDict({"A": layer.lora_A[slot], "B": layer.lora_B[slot]})
                                 for path, layer in self._layers if slot in layer.lora_A})
-        self._slots[slot] = leaves
-        for trained in self._slots.values():  # peft's add_adapter froze the adapters added before this one
+        self.slots[slot] = leaves
+        for trained in self.slots.values():  # peft's add_adapter froze the adapters added before this one
             trained.requires_grad_(True)
         return leaves
 

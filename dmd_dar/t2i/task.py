@@ -130,6 +130,50 @@ def _unregister_base(wrapped: nn.Module) -> nn.Module:
     return wrapped
 
 
+def copied_network(transformer: nn.Module, routing: RoutingConfig, tc, family, embedded_guidance,
+                   train_dtype: torch.dtype, gradient_checkpointing: bool) -> T2INet:
+    """A trainable copy of ``transformer``: DAR retrofit (or residual twin) [+ LoRA named ``lora.ADAPTER``, every
+    other weight frozen]; trainable tensors in ``train_dtype``. ``tc``: the ``T2IConfig``."""
+    model = copy.deepcopy(transformer)
+    wrapped = wrap_with_dar(model, routing, route_text=tc.route_text)
+    if tc.lora_rank > 0:
+        add_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets or family.lora_targets)
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(train_dtype)
+        for p in list(wrapped.router.parameters()) + list(getattr(wrapped.text_router, "parameters", list)()):
+            p.requires_grad_(True)
+            p.data = p.data.to(train_dtype)
+    else:
+        for p in wrapped.parameters():  # per tensor: ModelMixin.to() warns about fp32-pinned modules
+            p.data = p.data.to(train_dtype)
+        wrapped.requires_grad_(True)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return T2INet(wrapped, family, embedded_guidance)
+
+
+def network_on_base(base: SharedBase, role: str, routing: RoutingConfig, tc, family, embedded_guidance,
+                    train_dtype: torch.dtype, device, gradient_checkpointing: bool) -> AdapterNet:
+    """The ``role`` (student | fake) network on the shared base: its adapter (``t2i.student_adapter`` /
+    ``t2i.fake_adapter``) is injected on the role's first build (in the order student, fake: the same LoRA initial
+    draws as the copies get); a later build of a role gets copies of that adapter's current matrices (bound into
+    the same slot when it runs). LoRA and routers train in ``train_dtype``. ``tc``: the ``T2IConfig``."""
+    slot, key = (tc.student_adapter, "t2i.student_adapter") if role == "student" else \
+        (tc.fake_adapter, "t2i.fake_adapter")
+    wrapped = _unregister_base(wrap_with_dar(base.transformer, routing, route_text=tc.route_text))
+    if slot in base.slots:
+        adapter = copy.deepcopy(base.slots[slot])
+    else:
+        adapter = base.add_adapter(slot, tc.lora_rank, tc.lora_alpha, tc.lora_targets or family.lora_targets, key)
+    for p in list(adapter.parameters()) + list(wrapped.parameters()):
+        p.requires_grad_(True)
+        p.data = p.data.to(device=device, dtype=train_dtype)
+    if gradient_checkpointing:  # a property of the one base: on for every network once any asks for it
+        base.transformer.enable_gradient_checkpointing()
+    return AdapterNet(wrapped, family, embedded_guidance, base, slot, adapter)
+
+
 def _fsdp_launch() -> bool:
     try:
         return PartialState().distributed_type == DistributedType.FSDP
@@ -233,7 +277,6 @@ class DiffusersT2ITask(DistillTask):
         self.feature_dim = int(getattr(self.transformer, "inner_dim", 0) or 0)
         self._null = self.condition([tc.negative_prompt]) if fam.has_text else None
         self._built: list[nn.Module] = []
-        self._adapters: dict[str, nn.ModuleDict] = {}  # adapter slot -> the matrices injected into the base
 
     # -- set-up helpers -----------------------------------------------------------------------------------------
     def _identity(self, text_parts: list[str]) -> dict:
@@ -307,58 +350,20 @@ class DiffusersT2ITask(DistillTask):
         (``disable_dropout``: DiT's per-block label dropout, any attention / FF / LoRA dropout), so it runs in
         ``.train()`` as in ``.eval()``; the second call (the fake score, after the student) prints the memory
         estimate."""
-        tc = self.tc
         if self.base is not None:
-            return self._on_shared_base(routing, gradient_checkpointing, role)
-        model = copy.deepcopy(self.transformer)
-        wrapped = wrap_with_dar(model, routing, route_text=tc.route_text)
-        if tc.lora_rank > 0:
-            add_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets or self.family.lora_targets)
-            for p in wrapped.parameters():
-                if p.requires_grad:
-                    p.data = p.data.to(self.train_dtype)
-            for p in list(wrapped.router.parameters()) + list(getattr(wrapped.text_router, "parameters", list)()):
-                p.requires_grad_(True)
-                p.data = p.data.to(self.train_dtype)
+            if role not in ("student", "fake"):
+                raise ValueError(f"role {role!r}: student or fake")
+            net = network_on_base(self.base, role, routing, self.tc, self.family, self.embedded_guidance,
+                                  self.train_dtype, self.device, gradient_checkpointing)
         else:
-            for p in wrapped.parameters():  # per tensor: ModelMixin.to() warns about fp32-pinned modules
-                p.data = p.data.to(self.train_dtype)
-            wrapped.requires_grad_(True)
-        if gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        net = disable_dropout(T2INet(wrapped, self.family, self.embedded_guidance)).to(self.device).train()
-        return self._built_network(net, gradient_checkpointing)
-
-    def _built_network(self, net: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+            net = copied_network(self.transformer, routing, self.tc, self.family, self.embedded_guidance,
+                                 self.train_dtype, gradient_checkpointing)
+        net = disable_dropout(net).to(self.device).train()
         net.vae_scale_factor = self.vae_factor
         self._built.append(net)
         if len(self._built) == 2:
             self.print_memory_estimate(*self._built, gradient_checkpointing)
         return net
-
-    def _on_shared_base(self, routing: RoutingConfig, gradient_checkpointing: bool, role: str) -> AdapterNet:
-        """``build_network`` on the shared base: the role's adapter is injected on its first build (in the order
-        student, fake: the same LoRA initial draws as the copies get); a later build of a role gets fresh copies
-        of that adapter's current matrices (bound into the same slot when it runs)."""
-        if role not in ("student", "fake"):
-            raise ValueError(f"role {role!r}: student or fake")
-        tc, base = self.tc, self.base
-        slot, key = (tc.student_adapter, "t2i.student_adapter") if role == "student" else \
-            (tc.fake_adapter, "t2i.fake_adapter")
-        wrapped = _unregister_base(wrap_with_dar(base.transformer, routing, route_text=tc.route_text))
-        if slot in self._adapters:
-            adapter = copy.deepcopy(self._adapters[slot])
-        else:
-            adapter = base.add_adapter(slot, tc.lora_rank, tc.lora_alpha, tc.lora_targets or self.family.lora_targets,
-                                       key)
-            self._adapters[slot] = adapter
-        for p in list(adapter.parameters()) + list(wrapped.parameters()):  # LoRA and routers train in train_dtype
-            p.requires_grad_(True)
-            p.data = p.data.to(device=self.device, dtype=self.train_dtype)
-        if gradient_checkpointing:  # a property of the one base: on for every network once any asks for it
-            base.transformer.enable_gradient_checkpointing()
-        net = AdapterNet(wrapped, self.family, self.embedded_guidance, base, slot, adapter)
-        return self._built_network(disable_dropout(net).to(self.device).train(), gradient_checkpointing)
 
     def teacher_identity(self) -> str:
         """The digest of the frozen base weights (``weights_digest``), so a resume against another base
@@ -441,24 +446,23 @@ class DiffusersT2ITask(DistillTask):
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def print_memory_estimate(self, student: nn.Module, fake: nn.Module, checkpointing: bool) -> dict[str, float]:
-        fb = torch.finfo(self.dtype).bits // 8
-        tb = torch.finfo(self.train_dtype).bits // 8
-        mixed = self.cfg.run.mixed_precision
-        act_bytes = 2 if mixed in ("bf16", "fp16") else tb
-        config = self.transformer.config
-        layers = len(getattr(self.transformer, "transformer_blocks", [])) + \
-            len(getattr(self.transformer, "single_transformer_blocks", []))
-        sublayers = sum(int(getattr(n.model.router, "num_sublayers", 0))
-                        for n in (student, fake) if getattr(n.model.routing_cfg, "is_dar", False))
-        est = M.estimate(M.count(self.transformer, fb, fb), M.count(student, fb, tb), M.count(fake, fb, tb),
-                         tokens=self.image_tokens + self.max_sequence_length, hidden=self.feature_dim
-                         or getattr(config, "num_attention_heads", 1) * getattr(config, "attention_head_dim", 1),
-                         layers=max(layers, 1), batch=self.cfg.run.batch_size, act_bytes=act_bytes,
-                         checkpointing=checkpointing, offload_teacher=self.tc.offload_teacher,
-                         dar_sublayers=sublayers)
+        """Print (main process) and return ``memory.estimate_for`` of this run, per process."""
+        cfg = self.cfg
+        try:
+            state = PartialState()
+            world, sharded = state.num_processes, state.distributed_type == DistributedType.FSDP
+        except Exception:  # no accelerate state: a plain script
+            world, sharded = 1, False
+        est = M.estimate_for(self.transformer, student, fake, storage_dtype=self.dtype, train_dtype=self.train_dtype,
+                             mixed_precision=cfg.run.mixed_precision, tokens=self.image_tokens +
+                             self.max_sequence_length, batch=cfg.run.batch_size, checkpointing=checkpointing,
+                             ema=cfg.ema_decay > 0, offload_teacher=self.tc.offload_teacher, world_size=world,
+                             sharded=sharded)
+        base = "shared base" if self.base is not None else ("3 copies" if self.tc.lora_rank else "full fine-tuning")
         _print(M.format_estimate(est, f"memory estimate per process ({self.class_name}, "
-                                      f"{self.tc.height}x{self.tc.width}, batch {self.cfg.run.batch_size}, "
-                                      f"LoRA rank {self.tc.lora_rank or 'off'}, checkpointing {checkpointing}):"))
+                                      f"{self.tc.height}x{self.tc.width}, batch {cfg.run.batch_size}, "
+                                      f"LoRA rank {self.tc.lora_rank or 'off'} ({base}), checkpointing "
+                                      f"{checkpointing}, {world} process(es){', FSDP' if sharded else ''}):"))
         self.memory_estimate = est
         return est
 
