@@ -50,7 +50,14 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float | None, targets: li
     transformer.requires_grad_(False)
     cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=usable,
                      init_lora_weights=True)
-    transformer.add_adapter(cfg, adapter_name=adapter_name)
+    if hasattr(transformer, "add_adapter"):
+        transformer.add_adapter(cfg, adapter_name=adapter_name)
+    else:  # a diffusers model without PeftAdapterMixin (PixArt): peft directly, recording the config the same way
+        # lazy: peft imports transformers (seconds); only LoRA runs need it
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(cfg, transformer, adapter_name=adapter_name)
+        transformer.peft_config = {**(getattr(transformer, "peft_config", None) or {}), adapter_name: cfg}
     for name, p in transformer.named_parameters():
         p.requires_grad_("lora_" in name)
 

@@ -48,8 +48,9 @@ def estimate(teacher: NetCount, student: NetCount, fake: NetCount, *, tokens: in
              batch: int, act_bytes: int, checkpointing: bool, ema: bool = True, offload_teacher: bool = False,
              dar_sublayers: int = 0, world_size: int = 1, sharded: bool = False) -> dict[str, float]:
     """GiB per process, by component (module docstring). ``sharded``: FSDP divides weights, grads and optimizer
-    states of student and fake by ``world_size`` (the teacher and the EMA are not prepared, so not sharded). The
-    EMA copies the whole student: on a shared base its trainable tensors only, with copies the frozen base too."""
+    states of student and fake, and the EMA (``ShardedEMA``: each process averages its own pieces), by
+    ``world_size`` (the teacher is not prepared, so not sharded). The EMA copies the whole student: on a shared
+    base its trainable tensors only, with copies the frozen base too."""
     def weights(n: NetCount) -> int:
         return (n.total - n.trainable) * n.frozen_bytes + n.trainable * n.train_bytes
 
@@ -60,7 +61,7 @@ def estimate(teacher: NetCount, student: NetCount, fake: NetCount, *, tokens: in
         "fake_score": weights(fake) / shard / GiB,
         "gradients": (student.trainable * student.train_bytes + fake.trainable * fake.train_bytes) / shard / GiB,
         "optimizer": 8 * (student.trainable + fake.trainable) / shard / GiB,
-        "ema": weights(student) / GiB if ema else 0.0,
+        "ema": weights(student) / shard / GiB if ema else 0.0,
     }
     per_layer = tokens * hidden * act_bytes * batch
     act = per_layer * (layers + 16) if checkpointing else per_layer * 16 * layers
