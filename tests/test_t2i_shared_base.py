@@ -92,15 +92,15 @@ def test_shared_base_trains_what_three_copies_train(root, tmp_path, family, extr
     for part in ("generator", "fake_score", "generator_ema"):
         keys = set(nets[part])
         assert keys and all(k.startswith(("adapter.", "model.router.", "model.text_router.")) for k in keys), part
-        assert all(k.endswith((".A.weight", ".B.weight")) for k in keys if k.startswith("adapter."))
+        assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys if k.startswith("adapter."))
     base_numel = sum(v.numel() for v in last_checkpoint(copies)[0]["generator"].values())
     assert sum(v.numel() for v in nets["generator"].values()) < base_numel / 5
     # the shared run's EMA of the LoRA matrices is the copies' EMA of the same matrices
     copies_ema = last_checkpoint(copies)[0]["generator_ema"]
     for key, value in nets["generator_ema"].items():
         if key.startswith("adapter."):
-            path, ab = key[len("adapter."):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-            name = f"model.transformer.{path.replace('__', '.')}.lora_{ab}.default.weight"
+            path, matrix = key[len("adapter."):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]  # ..., lora_A|lora_B
+            name = f"model.transformer.{path.replace('__', '.')}.{matrix}.default.weight"
             torch.testing.assert_close(value, copies_ema[name], rtol=1e-6, atol=1e-8)
 
 

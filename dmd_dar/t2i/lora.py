@@ -149,12 +149,14 @@ class SharedBase:
         return self
 
     def add_adapter(self, slot: str, rank: int, alpha: float | None, targets, name_key: str) -> nn.ModuleDict:
-        """Inject adapter ``slot`` and return its LoRA matrices as ``{layer path: {"A", "B"}}`` (trainable)."""
+        """Inject adapter ``slot`` and return its LoRA matrices as ``{layer path: {"lora_A", "lora_B"}}``
+        (trainable; the path's dots written ``__``)."""
         add_lora(self.transformer, rank, alpha, targets, adapter_name=slot, name_key=name_key)
         self.transformer.requires_grad_(False)
         self._layers = _tuner_layers(self.transformer)
         self._bound = None
-        leaves = nn.ModuleDict({_leaf_key(path): nn.ModuleDict({"A": layer.lora_A[slot], "B": layer.lora_B[slot]})
+        leaves = nn.ModuleDict({_leaf_key(path): nn.ModuleDict({"lora_A": layer.lora_A[slot],
+                                                                "lora_B": layer.lora_B[slot]})
                                 for path, layer in self._layers if slot in layer.lora_A})
         self.slots[slot] = leaves
         for trained in self.slots.values():  # peft's add_adapter froze the adapters added before this one
@@ -175,8 +177,8 @@ class SharedBase:
             layer._disable_adapters = False
             layer._active_adapter = [slot]  # not set_adapter(): that also flips requires_grad
             pair = leaves[_leaf_key(path)]
-            if layer.lora_A[slot] is not pair["A"]:
-                layer.lora_A[slot], layer.lora_B[slot] = pair["A"], pair["B"]
+            if layer.lora_A[slot] is not pair["lora_A"]:
+                layer.lora_A[slot], layer.lora_B[slot] = pair["lora_A"], pair["lora_B"]
         self._bound = want
 
     def checkpointable(self, fn: Callable) -> Callable:

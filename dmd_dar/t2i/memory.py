@@ -115,5 +115,5 @@ def disk_estimate(student: nn.Module, fake: nn.Module, *, storage_dtype: torch.d
 
     ema_bytes = (s.total - s.trainable) * fb + s.trainable * tb if ema else 0  # EMA.state_dict: the whole module
     checkpoint = weights(s) + weights(f) + 8 * (s.trainable + f.trainable) + ema_bytes
-    lora = sum(p.numel() for n, p in student.named_parameters() if "lora_" in n or n.startswith("adapter."))
+    lora = sum(p.numel() for n, p in student.named_parameters() if "lora_" in n)
     return {"checkpoint": checkpoint / 1e9, "exported adapter": lora * tb / 1e9}
