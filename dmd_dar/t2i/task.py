@@ -36,7 +36,7 @@ import gc
 from pathlib import Path
 
 import torch
-from accelerate import DistributedType, PartialState, cpu_offload
+from accelerate import PartialState, cpu_offload
 from torch import nn
 
 from dmd_dar.backbones import wrap_with_dar
@@ -57,6 +57,7 @@ from dmd_dar.t2i.families import T2INet
 from dmd_dar.t2i.lora import SharedBase, add_lora, weights_digest
 from dmd_dar.t2i.prompts import load_prompt_sources
 from dmd_dar.training.seeding import derive_seed
+from dmd_dar.training.sharding import fsdp_requested
 from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
 
 
@@ -174,13 +175,6 @@ def network_on_base(base: SharedBase, role: str, routing: RoutingConfig, tc, fam
     return AdapterNet(wrapped, family, embedded_guidance, base, slot, adapter)
 
 
-def _fsdp_launch() -> bool:
-    try:
-        return PartialState().distributed_type == DistributedType.FSDP
-    except Exception:  # no accelerate state: a plain script
-        return False
-
-
 def _slice(cond: dict, i: int, j: int) -> dict:
     return {k: v[i:j] for k, v in cond.items()}
 
@@ -261,7 +255,7 @@ class DiffusersT2ITask(DistillTask):
         # One frozen base for teacher, student and fake score (module docstring); FSDP keeps three copies.
         self.base = None
         if tc.lora_rank > 0 and tc.shared_base:
-            if _fsdp_launch():
+            if fsdp_requested():  # the trainer's check_distribution makes this the launch's FSDP
                 _print("t2i.shared_base: FSDP launch, so the student and the fake score get their own (sharded) "
                        "copies of the base; the shared base runs under DDP or in one process")
             else:
@@ -449,10 +443,10 @@ class DiffusersT2ITask(DistillTask):
         """Print (main process) and return ``memory.estimate_for`` of this run, per process."""
         cfg = self.cfg
         try:
-            state = PartialState()
-            world, sharded = state.num_processes, state.distributed_type == DistributedType.FSDP
+            world = PartialState().num_processes
         except Exception:  # no accelerate state: a plain script
-            world, sharded = 1, False
+            world = 1
+        sharded = fsdp_requested()
         est = M.estimate_for(self.transformer, student, fake, storage_dtype=self.dtype, train_dtype=self.train_dtype,
                              mixed_precision=cfg.run.mixed_precision, tokens=self.image_tokens +
                              self.max_sequence_length, batch=cfg.run.batch_size, checkpointing=checkpointing,
