@@ -71,20 +71,29 @@ class EmbeddedGuidanceDenoiser(Denoiser):
         return self.path.pred_to_x0(self.pred(x_t, t, {**cond, "guidance": g}), x_t, t)
 
 
-class _Teacher(T2INet):
-    """The frozen teacher, placed on first use: on the device, or (``offload_teacher``) kept in CPU memory and
-    streamed to the device layer by layer through accelerate's ``cpu_offload``. Placing it late lets the
-    student / fake copies be made from the untouched CPU weights. On a shared base (``base``) every forward first
-    switches the adapters off."""
+class TeacherNet(T2INet):
+    """The teacher's ``T2INet``; on a shared base (``base``) every forward first switches the adapters off."""
 
-    def __init__(self, model, family, embedded_guidance, device, offload: bool, base: SharedBase | None) -> None:
+    def __init__(self, model, family, embedded_guidance, base: SharedBase | None) -> None:
         super().__init__(model, family, embedded_guidance)
-        self._device, self._offload, self._placed = torch.device(device), offload, False
         self._base = base
 
     def forward(self, x_t, t, cond):
         if self._base is not None:
             self._base.use(None, None)
+        return super().forward(x_t, t, cond)
+
+
+class _Teacher(TeacherNet):
+    """The frozen teacher, placed on first use: on the device, or (``offload_teacher``) kept in CPU memory and
+    streamed to the device layer by layer through accelerate's ``cpu_offload``. Placing it late lets the
+    student / fake copies be made from the untouched CPU weights."""
+
+    def __init__(self, model, family, embedded_guidance, device, offload: bool, base: SharedBase | None) -> None:
+        super().__init__(model, family, embedded_guidance, base)
+        self._device, self._offload, self._placed = torch.device(device), offload, False
+
+    def forward(self, x_t, t, cond):
         if not self._placed:
             if self._offload and self._device.type != "cpu":
                 cpu_offload(self.model, execution_device=self._device)
