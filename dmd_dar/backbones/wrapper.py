@@ -90,7 +90,9 @@ class DARTransformer(nn.Module):
                 ) from None
             # via __dict__: during copy/unpickling the instance may not be initialised yet; a shared base
             # (dmd_dar.t2i.task: one frozen transformer under several wrappers) is held outside _modules
-            transformer = self.__dict__.get("_modules", {}).get("transformer") or self.__dict__.get("transformer")
+            transformer = self.__dict__.get("_modules", {}).get("transformer")
+            if transformer is None:
+                transformer = self.__dict__.get("transformer")
             if transformer is None or name.startswith("__"):
                 raise
             return getattr(transformer, name)

@@ -5,7 +5,8 @@ On disk (``training.checkpoint``): the weights ``generator``, ``fake_score`` [, 
 ``optim_fake``]; ``state.json`` with step, ``ema_updates``, ``bad_steps_total``, ``num_processes``,
 ``sharded`` and the teacher's digest; under FSDP each process's optimizer and EMA pieces in
 ``process_state/``. These names are the checkpoint format: a run resumes from checkpoints written by earlier
-versions.
+versions. Each entry holds what its network's ``state_dict`` holds: on a shared LoRA base (``dmd_dar.t2i.task.
+AdapterNet``) that is the LoRA matrices and routers only (no base tensor; the base is named by its digest).
 """
 
 from __future__ import annotations
