@@ -4,6 +4,7 @@ score, gradients only where they belong (activation checkpointing included), che
 tensor, exact resume, the export (peft + diffusers LoRA files, merged copy only when asked), and bad input."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def make_task(root: Path, family: str = "sd3", *extra: str) -> DiffusersT2ITask:
 @pytest.mark.parametrize("family, extra", [
     ("sd3", ["networks.student_routing.kind=dar"]),
     ("flux", ["networks.fake_routing.kind=dar", "method.student_steps=2"]),  # DAR fake score, backward simulation
+    ("sd3", ["run.mixed_precision=bf16"]),  # under bf16 autocast
 ])
 def test_shared_base_trains_what_three_copies_train(root, tmp_path, family, extra):
     """Same losses at every step (to 1e-6), same exported adapter and routers, same EMA; and the shared run's
@@ -267,3 +269,14 @@ def test_fake_score_can_start_from_and_track_the_student(root, tmp_path):
     for k, fake_p in nets_p["fake_score"].items():  # one critic update, then the merge with the student
         want = 0.5 * fake_p + 0.5 * nets_p["generator"][k]
         torch.testing.assert_close(nets_t["fake_score"][k], want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("override, named", [
+    (["t2i.fake_adapter=student"], "t2i.student_adapter='student' and t2i.fake_adapter='student' must be two"),
+    (["t2i.offload_teacher=true"], "t2i.offload_teacher=true with t2i.shared_base=true"),
+    (["networks.fake_init=copy"], "networks.fake_init='copy'; choose teacher or student"),
+    (["networks.fake_track_student=1.0"], "networks.fake_track_student=1.0 must lie in [0, 1)"),
+])
+def test_bad_shared_base_settings_are_refused(root, override, named):
+    with pytest.raises(UserError, match=re.escape(named)):
+        build_config(DistillConfig, [], [*common(root, "sd3"), *override])
