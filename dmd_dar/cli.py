@@ -4,6 +4,9 @@
 
 Config layers and overrides are applied in order on top of the command's defaults (see ``dmd_dar.config``): its
 schema's defaults, then its default layers under configs/ (``distill``: the main job, configs/distill_embedded.yaml).
+The configs ship inside the package (``dmd_dar/configs``: in a source checkout a link to the top-level configs/,
+in a wheel its copy), so ``-c t2i/qwen_image.yaml`` and ``-c configs/t2i/qwen_image.yaml`` work after any install;
+a local file of the name given wins for ``-c``, never for a command's default layers.
 ``python -m dmd_dar`` is the same entry point.
 ``--dry-run`` prints the resolved config and exits. Bad input exits with status 2 and a one-line message.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from dmd_dar.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -56,24 +59,25 @@ def _load(ref: str):
 
 
 def _layer_path(name: str) -> Path:
+    """A ``-c`` layer: the file ``name`` here, else ``name`` under the shipped configs (also when written as
+    ``configs/<name>``, the source checkout's path), with or without ``.yaml``."""
     path = Path(name)
     if path.is_file():
         return path
-    in_configs = CONFIG_DIR / name
-    if in_configs.is_file():
-        return in_configs
-    if in_configs.with_suffix(".yaml").is_file():
-        return in_configs.with_suffix(".yaml")
+    relative = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
+    for candidate in dict.fromkeys([CONFIG_DIR / path, CONFIG_DIR / relative]):
+        for file in (candidate, candidate.with_suffix(".yaml")):
+            if file.is_file():
+                return file
     raise UserError(f"{name}: config file not found (looked here and in {CONFIG_DIR}); pass an existing YAML file")
 
 
 def _default_layer_path(command: Command, name: str) -> Path:
-    """A command's default layer: only ever the file under configs/ (a file of that name here must not replace it)."""
+    """A command's default layer: only ever the shipped file (a file of that name here must not replace it)."""
     path = CONFIG_DIR / name
     if not path.is_file():
-        # configs/ sits beside the package in a source checkout; a non-editable install does not ship it (yet)
-        raise UserError(f"{path}: the default config layer of dmd-dar {command.name} is missing; run from a "
-                        f"source checkout or an editable install (pip install -e .), which has configs/")
+        raise UserError(f"{path}: the default config layer of dmd-dar {command.name} is missing; reinstall "
+                        f"dmd-dar (its configs ship inside the package, dmd_dar/configs)")
     return path
 
 

@@ -3,8 +3,10 @@
 An SD3.5-medium-sized ``SD3Transformer2DModel`` (24 joint blocks, 1536 wide, dual attention in blocks 0-12, 2.5B
 parameters) with random weights is the frozen teacher, in bf16; 512x512 images are 64x64 latents (1024 tokens) with
 333 text tokens (77 CLIP + 256 T5) of random embeddings. For each student routing (residual twin, then DAR
-static_t dense) the script builds the student and a residual fake score as ``wrap_with_dar`` copies of the teacher
-(LoRA rank 64 on both by default; routers train fully), and runs ``--steps`` DMD2 iterations exactly as
+static_t dense) the script builds the student and a residual fake score as ``dmd-dar distill`` does: with LoRA
+(rank 64 by default; routers train fully) on ONE shared frozen base (``dmd_dar.t2i.task.network_on_base``;
+``--copies``: ``wrap_with_dar`` copies of the teacher, ``copied_network``), and runs ``--steps`` DMD2 iterations
+exactly as
 ``dmd-dar distill`` does (one generator update with backward simulation over a 4-step schedule + one fake-score
 update per iteration, CFG 4.5 two-pass real score, shift 3.0, bf16 autocast), through ``dmd_dar.distill.method.DMD2``
 and the T2I network adapter ``dmd_dar.t2i.families.T2INet``. The EMA copy is left out (the same for both).
@@ -14,13 +16,14 @@ and the T2I network adapter ``dmd_dar.t2i.families.T2INet``. The EMA copy is lef
     python eval/gpu_dmd2_realscale.py --dry-run          # tiny config on CPU, 2 steps: checks the script only
 
 Step time is the median over the steps after ``--warmup``; peak memory is ``torch.cuda.max_memory_allocated`` over
-the whole variant (reset between variants). Results print as a table and go to ``--out`` (JSON) when given.
+the whole variant (reset between variants), printed beside the start-of-run estimate of the same networks
+(``dmd_dar.t2i.memory.estimate_for``, without an EMA: the script keeps none). Results print as a table and go to
+``--out`` (JSON) when given.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import statistics
@@ -32,16 +35,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dmd_dar.backbones import wrap_with_dar  # noqa: E402
 from dmd_dar.diffusion.paths import make_path  # noqa: E402
 from dmd_dar.diffusion.samplers import student_timesteps  # noqa: E402
-from dmd_dar.distill.config import MethodConfig  # noqa: E402
+from dmd_dar.distill.config import MethodConfig, T2IConfig  # noqa: E402
 from dmd_dar.distill.denoiser import Denoiser  # noqa: E402
 from dmd_dar.distill.method import DMD2, frozen  # noqa: E402
 from dmd_dar.models import param_groups  # noqa: E402
 from dmd_dar.routing import RoutingConfig  # noqa: E402
+from dmd_dar.t2i import memory as M  # noqa: E402
 from dmd_dar.t2i.families import FAMILIES, T2INet  # noqa: E402
-from dmd_dar.t2i.lora import add_lora  # noqa: E402
+from dmd_dar.t2i.lora import SharedBase  # noqa: E402
+from dmd_dar.t2i.task import TeacherNet, copied_network, network_on_base  # noqa: E402
 
 #: stabilityai/stable-diffusion-3.5-medium transformer/config.json
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -63,6 +67,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=64, help="0: train every weight (in --dtype)")
     p.add_argument("--student-steps", type=int, default=4)
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--copies", action="store_true", help="LoRA on three copies of the base instead of one shared")
     p.add_argument("--variants", default="residual,dar")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--dry-run", action="store_true", help="tiny transformer on CPU, float32, 2 steps")
@@ -86,40 +91,43 @@ def build_teacher(cfg: dict, dtype: torch.dtype, device) -> torch.nn.Module:
     return model.requires_grad_(False).eval()
 
 
-def trainable_copy(teacher: torch.nn.Module, routing: RoutingConfig, lora_rank: int, checkpointing: bool,
-                   dtype: torch.dtype) -> T2INet:
-    model = copy.deepcopy(teacher)
-    wrapped = wrap_with_dar(model, routing)
-    if lora_rank > 0:
-        add_lora(model, lora_rank, lora_rank, FAMILIES["sd3"].lora_targets)
-        for p in wrapped.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # LoRA matrices and routers train in fp32, base stays in dtype
-        for p in wrapped.router.parameters():
-            p.requires_grad_(True)
-            p.data = p.data.float()
-    else:
-        wrapped.requires_grad_(True)
-        for p in wrapped.router.parameters():
-            p.data = p.data.float()
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    return T2INet(wrapped, FAMILIES["sd3"]).train()
+def networks(teacher: torch.nn.Module, routing: RoutingConfig, args, dtype: torch.dtype
+             ) -> tuple[TeacherNet, T2INet, T2INet]:
+    """(teacher net, student, residual fake score) as ``dmd-dar distill`` builds them (module docstring). A
+    shared base gets its adapters injected here, so each variant starts from a fresh teacher."""
+    tc = T2IConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_rank)
+    family, device = FAMILIES["sd3"], next(teacher.parameters()).device
+    fake_routing = RoutingConfig(kind="residual")
+    base = None
+    if args.lora_rank > 0 and not args.copies:
+        base = SharedBase(teacher)
+        student, fake = (network_on_base(base, role, r, tc, family, None, torch.float32, device, args.checkpointing)
+                         for role, r in (("student", routing), ("fake", fake_routing)))
+    else:  # full fine-tuning trains in --dtype (the routers in fp32), as t2i.train_dtype=<dtype> would
+        train_dtype = torch.float32 if args.lora_rank > 0 else dtype
+        student, fake = (copied_network(teacher, r, tc, family, None, train_dtype, args.checkpointing)
+                         for r in (routing, fake_routing))
+        for net in (student, fake):
+            for p in net.model.router.parameters():
+                p.data = p.data.float()
+    return TeacherNet(teacher, family, None, base), student.to(device).train(), fake.to(device).train()
 
 
 def run_variant(kind: str, args, teacher, cfg: dict, device, dtype) -> dict:
     latent = args.resolution // 8
     channels = cfg["in_channels"]
     routing = RoutingConfig(kind=kind, query="static_t", chunk_size=1)
-    student = trainable_copy(teacher, routing, args.lora_rank, args.checkpointing, dtype)
-    fake = trainable_copy(teacher, RoutingConfig(kind="residual"), args.lora_rank, args.checkpointing, dtype)
+    teacher_net, student, fake = networks(teacher, routing, args, dtype)
+    tokens = (latent // 2) ** 2 + args.text_tokens
+    estimate = M.estimate_for(teacher, student, fake, storage_dtype=dtype, train_dtype=torch.float32,
+                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no", tokens=tokens,
+                              batch=args.batch, checkpointing=args.checkpointing, ema=False)
     g_opt = torch.optim.AdamW(param_groups(student, 5e-6, 1e-4, 0.01), lr=5e-6)
     f_opt = torch.optim.AdamW(param_groups(fake, 2e-6, None, 0.01), lr=2e-6)
     path = make_path("flow", "velocity")
     shift = 3.0
     null = {"prompt_embeds": torch.zeros(1, args.text_tokens, cfg["joint_attention_dim"], device=device, dtype=dtype),
             "pooled_prompt_embeds": torch.zeros(1, cfg["pooled_projection_dim"], device=device, dtype=dtype)}
-    teacher_net = T2INet(teacher, FAMILIES["sd3"])
     method = DMD2(MethodConfig(guidance_scale=4.5, student_steps=args.student_steps, ttur=1),
                   Denoiser(student, path, lambda c: null), Denoiser(fake, path, lambda c: null),
                   Denoiser(teacher_net, path, lambda c: null), student_timesteps(args.student_steps, shift=shift),
@@ -164,6 +172,7 @@ def run_variant(kind: str, args, teacher, cfg: dict, device, dtype) -> dict:
     timed = times[args.warmup:] or times
     result = {"routing": kind, "step_time_s": statistics.median(timed), "step_times_s": times,
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 1024 ** 3 if cuda else None,
+              "estimate_gib": estimate["total"], "estimate": estimate,
               "trainable_params": n_train, "router_params": n_router,
               "final_losses": {"dm": losses[-1][0], "fake": losses[-1][1]},
               "finite": all(torch.isfinite(torch.tensor(v)).all() for v in losses)}
@@ -183,16 +192,22 @@ def main(argv=None) -> dict:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "config": "tiny" if args.dry_run else "sd3.5-medium", "teacher_params": sum(
                    p.numel() for p in teacher.parameters()), "args": vars(args), "variants": {}}
-    for kind in args.variants.split(","):
+    for n, kind in enumerate(args.variants.split(",")):
+        if n and args.lora_rank > 0 and not args.copies:  # the shared base carries the last variant's adapters
+            del teacher
+            gc.collect()
+            teacher = build_teacher(cfg, dtype, device)
         results["variants"][kind] = run_variant(kind, args, teacher, cfg, device, dtype)
     v = results["variants"]
     print(f"\nDMD2, {results['config']} transformer ({results['teacher_params'] / 1e9:.2f}B), {args.resolution}^2, "
-          f"batch {args.batch}, LoRA {args.lora_rank or 'off'}, checkpointing {args.checkpointing}, "
-          f"on {results['device']}")
-    print(f"{'routing':<10} {'step (s)':>10} {'peak (GiB)':>11} {'trainable':>12} {'router':>10}")
+          f"batch {args.batch}, LoRA {args.lora_rank or 'off'} ({'copies' if args.copies else 'shared base'}), "
+          f"checkpointing {args.checkpointing}, on {results['device']}")
+    print(f"{'routing':<10} {'step (s)':>10} {'peak (GiB)':>11} {'estimate (GiB)':>15} {'trainable':>12} "
+          f"{'router':>10}")
     for kind, r in v.items():
         peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
-        print(f"{kind:<10} {r['step_time_s']:>10.3f} {peak:>11} {r['trainable_params']:>12,} {r['router_params']:>10,}")
+        print(f"{kind:<10} {r['step_time_s']:>10.3f} {peak:>11} {r['estimate_gib']:>15.2f} "
+              f"{r['trainable_params']:>12,} {r['router_params']:>10,}")
     if "residual" in v and "dar" in v:
         ratios = {"step_time": v["dar"]["step_time_s"] / v["residual"]["step_time_s"]}
         if v["dar"]["peak_memory_gib"] is not None:

@@ -41,7 +41,7 @@ def root(tmp_path_factory):
 
 @pytest.mark.parametrize("family, extra", [
     ("sd3", ["method.student_steps=2", "t2i.route_text=true"]),
-    ("flux", ["t2i.lora_rank=4", "networks.fake_routing.kind=dar"]),
+    ("flux", ["t2i.lora_rank=4", "networks.fake_routing.kind=dar", "export.merge=true"]),  # LoRA: merged on request
 ])
 def test_distill_export_sample_eval(root, family, extra):
     out = root / f"run_{family}"
@@ -128,6 +128,27 @@ def test_two_process_distill_gives_identical_replicas(ddp_run):
     trained = [k for k in a if "lora_B" in k]
     assert trained and any(a[k].abs().sum() > 0 for k in trained)  # the replicas did train (LoRA B left zero)
     assert (ddp_run / "run" / "export" / "dmd_dar_t2i.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_shared_base_trains_what_three_copies_train(root, ddp_run, tmp_path):
+    """The DDP run above holds one shared base per process; the same launch with three copies of the base
+    (t2i.shared_base=false) logs the same losses (to 1e-6) and exports the same adapter."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    worker = ddp_run / "worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(worker), str(tmp_path), *_two_process_args(root, tmp_path / "run"), "t2i.shared_base=false"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for want, got in zip(read(tmp_path / "run"), read(ddp_run / "run"), strict=True):
+        for key in ("gen/dm_loss", "critic/fake_loss", "gen/grad_norm", "critic/grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-8), (got["step"], key)
+    lora = "export/lora/adapter_model.safetensors"
+    want, got = load_safetensors(tmp_path / "run" / lora), load_safetensors(ddp_run / "run" / lora)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.slow

@@ -204,7 +204,7 @@ def test_export_and_load_student_with_lora(tasks, tmp_path):
                 p.normal_(0, 0.2)
             if n.endswith(".query"):
                 p.normal_(0, 3.0)
-    folder = export_student(net, tmp_path / "export", task)
+    folder = export_student(net, tmp_path / "export", task, merge=True)  # LoRA runs merge only when asked
     batch = task.draw(2, torch.Generator().manual_seed(2), "cpu", False)
     t = torch.tensor([0.7, 0.4])
     loaded, info = load_student(folder)

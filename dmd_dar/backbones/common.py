@@ -84,7 +84,12 @@ def run_sublayer(model: nn.Module, fn: Callable[..., object], *args: object) -> 
     Honours ``model.gradient_checkpointing`` and the checkpoint function diffusers installed with
     ``enable_gradient_checkpointing()`` (``model._gradient_checkpointing_func``), exactly as the stock block loops
     do, but one sublayer at a time: the router's aggregation stays outside the checkpointed region.
+
+    A model shared by several networks through adapter slots (``dmd_dar.t2i.lora.SharedBase``) carries
+    ``dmd_dar_checkpointable``: the recomputation in the backward runs after other networks' forwards, so it must
+    first re-bind the adapter this forward ran with.
     """
     if torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False):
-        return model._gradient_checkpointing_func(fn, *args)
+        rebinding = getattr(model, "dmd_dar_checkpointable", None)
+        return model._gradient_checkpointing_func(rebinding(fn) if rebinding else fn, *args)
     return fn(*args)

@@ -88,8 +88,11 @@ class DARTransformer(nn.Module):
                     f"DARTransformer.{name} is not delegated to the diffusers model: it would drop the DAR "
                     "routers; save the wrapper's state_dict (transformer.* and router.* keys) instead"
                 ) from None
-            # via __dict__: during copy/unpickling the instance may not be initialised yet
+            # via __dict__: during copy/unpickling the instance may not be initialised yet; a shared base
+            # (dmd_dar.t2i.task: one frozen transformer under several wrappers) is held outside _modules
             transformer = self.__dict__.get("_modules", {}).get("transformer")
+            if transformer is None:
+                transformer = self.__dict__.get("transformer")
             if transformer is None or name.startswith("__"):
                 raise
             return getattr(transformer, name)

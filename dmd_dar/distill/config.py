@@ -133,11 +133,22 @@ class NetworksConfig:
         default_factory=lambda: RoutingConfig(kind="dar", query="static_t", chunk_size=4))  # the paper's default
     fake_routing: RoutingConfig = field(default_factory=RoutingConfig)  # residual: a plain copy of the teacher
     gradient_checkpointing: bool = False
+    # Where the fake score starts: teacher (DMD2: the teacher's function, fresh LoRA) | student (every tensor
+    # the two networks share by name and shape is copied from the student, e.g. to continue from a student
+    # that already differs from the teacher).
+    fake_init: str = "teacher"
+    # > 0: after every fake-score update, fake <- d * fake + (1 - d) * student on the tensors they share (CDM's
+    # fake score EMA-merged from the student, d = 0.999 there); 0: off (DMD2).
+    fake_track_student: float = 0.0
 
     def __post_init__(self) -> None:
         # The trainer picks the diffusers path for anything that is not "native": a typo must not select it.
         if self.teacher_kind not in TEACHER_KINDS:
             raise UserError(f"networks.teacher_kind={self.teacher_kind!r}; choose one of {', '.join(TEACHER_KINDS)}")
+        if self.fake_init not in ("teacher", "student"):
+            raise UserError(f"networks.fake_init={self.fake_init!r}; choose teacher or student")
+        if not 0.0 <= self.fake_track_student < 1.0:
+            raise UserError(f"networks.fake_track_student={self.fake_track_student} must lie in [0, 1) (0: off)")
 
 
 @dataclass
@@ -166,6 +177,11 @@ class T2IConfig:
     lora_alpha: float | None = None  # default: lora_rank
     lora_targets: list[str] | None = None  # default: the family's attention and MLP linears
     offload_teacher: bool = False  # keep the frozen teacher in CPU memory, streamed to the GPU per use
+    # LoRA runs: one frozen base serves teacher (adapters off), student and fake score (their own adapters);
+    # false: three copies of the base (the student's and the fake score's trainable). Full fine-tuning always copies.
+    shared_base: bool = True
+    student_adapter: str = "student"  # peft adapter names on the shared base (must not exist in the pipeline)
+    fake_adapter: str = "fake"
     teacher_steps: int = 28  # teacher ODE steps (drift reference samples)
     reference_samples: int = 16  # teacher samples for the output-drift reference; 0 skips it
     grid_prompts: int = 2  # prompts in the periodic sample grids
@@ -181,9 +197,25 @@ class T2IConfig:
                 raise UserError(f"t2i.{key}={getattr(self, key)} must be >= 1")
         if self.reference_samples < 0:
             raise UserError(f"t2i.reference_samples={self.reference_samples} must be >= 0 (0 skips the reference)")
+        if self.student_adapter == self.fake_adapter or not self.student_adapter or not self.fake_adapter:
+            raise UserError(f"t2i.student_adapter={self.student_adapter!r} and t2i.fake_adapter="
+                            f"{self.fake_adapter!r} must be two different non-empty names")
+        if self.lora_rank > 0 and self.shared_base and self.offload_teacher:
+            raise UserError("t2i.offload_teacher=true with t2i.shared_base=true: the shared base is also the "
+                            "student's and the fake score's (nothing left to offload alone); set "
+                            "t2i.offload_teacher=false, or t2i.shared_base=false for three copies")
         for key in ("shift", "lora_alpha", "max_sequence_length"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise UserError(f"t2i.{key}={getattr(self, key)} must be > 0, or null for the default")
+
+
+@dataclass
+class ExportConfig:
+    """What ``<run>/export`` holds beyond the student itself (diffusers teachers)."""
+
+    # LoRA runs: also write the transformer with the adapter merged (a full copy of the base: 41 GB for
+    # Qwen-Image in bf16); the adapter and the routers are always written.
+    merge: bool = False
 
 
 @dataclass
@@ -207,6 +239,7 @@ class DistillConfig:
     variance_drift_factor: float = 2.0  # health: flag per-image variance beyond x factor (or below / factor) of the
     #                                     teacher samples' (CA's failure signature: variance that keeps growing)
     t2i: T2IConfig = field(default_factory=T2IConfig)  # networks.teacher_kind=diffusers only
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         try:

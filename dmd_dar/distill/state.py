@@ -7,6 +7,8 @@ On disk (``training.checkpoint``): the weights ``generator``, ``fake_score`` [, 
 ``process_state/``. These names are the checkpoint format: a run resumes from checkpoints written by earlier
 versions. A run without a fake score (Decoupled DMD with ``method.regularizer=meanvar|gan``) has no
 ``fake_score``; one without any critic (no fake score, no GAN head) has no fake optimizer or scheduler either.
+Each entry holds what its network's ``state_dict`` holds: on a shared LoRA base (``dmd_dar.t2i.task.AdapterNet``)
+that is the LoRA matrices and routers only (no base tensor; the base is named by its digest).
 """
 
 from __future__ import annotations
@@ -52,17 +54,28 @@ class TrainingState:
     ema: EMA | ShardedEMA | None
     ema_decay: float
     teacher: str | None  # the teacher's digest (DistillTask.teacher_identity), checked on resume
-    teacher_source: str  # networks.teacher, for messages
+    teacher_source: str  # networks.teacher (t2i.model), for messages
+    fake_track_student: float = 0.0  # networks.fake_track_student
     step: int = 0
     _resumed: dict[str, Any] | None = field(default=None, repr=False)  # state that prepare() restores
 
     @classmethod
     def build(cls, cfg: DistillConfig, task: DistillTask, strategy: Strategy) -> TrainingState:
         """Fresh networks and optimizers of a run (new parameters draw from the global RNG: seed it first)."""
-        student = task.build_network(cfg.networks.student_routing, cfg.networks.gradient_checkpointing)
+        nets = cfg.networks
+        student = task.build_network(nets.student_routing, nets.gradient_checkpointing, role="student")
         fake = None
         if cfg.method.needs_fake_score:
-            fake = task.build_network(cfg.networks.fake_routing, cfg.networks.gradient_checkpointing)
+            fake = task.build_network(nets.fake_routing, nets.gradient_checkpointing, role="fake")
+            if nets.fake_init == "student":
+                copy_shared_tensors(student, fake)
+        elif nets.fake_track_student > 0:
+            raise UserError(f"networks.fake_track_student={nets.fake_track_student} but method.regularizer="
+                            f"{cfg.method.regularizer} trains no fake score; set networks.fake_track_student=0")
+        if nets.fake_track_student > 0 and strategy.sharded:
+            raise UserError("networks.fake_track_student > 0 is not available under FSDP (the fake score and "
+                            "the student are sharded apart); set networks.fake_track_student=0 or launch without "
+                            "FSDP")
         gan_head = GANHead(task.feature_dim) if cfg.method.gan_weight > 0 else None
         g, f = cfg.generator_optim, cfg.fake_optim
         g_opt = build_optimizer(task.param_groups(student, g.lr, g.routing_lr, g.weight_decay), g)
@@ -76,7 +89,8 @@ class TrainingState:
                    f_sched=lr_schedule(f_opt, f, f.horizon(cfg.run.steps)) if f_opt is not None else None,
                    guard=BadStepGuard(cfg.max_bad_steps),
                    ema=strategy.ema_before_prepare(student, cfg.ema_decay), ema_decay=cfg.ema_decay,
-                   teacher=task.teacher_identity(), teacher_source=cfg.networks.teacher)
+                   teacher=task.teacher_identity(), fake_track_student=nets.fake_track_student,
+                   teacher_source=cfg.t2i.model if nets.teacher_kind == "diffusers" else nets.teacher)
 
     @property
     def critic_networks(self) -> list[nn.Module]:
@@ -104,6 +118,16 @@ class TrainingState:
         """The EMA (or the raw student without one) as a plain module for grids and export; every process
         calls it; the ones that get none receive None (``Strategy.sampling_net``; ``build``: a student)."""
         return self.strategy.sampling_net(self.student, self.ema, build)
+
+    @torch.no_grad()
+    def track_student(self) -> None:
+        """After a fake-score update: fake <- d * fake + (1 - d) * student on the tensors they share
+        (``networks.fake_track_student`` = d; nothing when 0)."""
+        if self.fake_track_student <= 0:
+            return
+        pairs = _shared_tensors(self.strategy.ema_source(self.student), self.strategy.ema_source(self.fake))
+        fake = [f for _, f in pairs]
+        torch._foreach_lerp_(fake, [s.to(f.dtype) for s, f in pairs], 1.0 - self.fake_track_student)
 
     def update_ema(self) -> None:
         if self.ema is not None:
@@ -169,3 +193,17 @@ class TrainingState:
         self.step = state["step"]
         self.guard.total = state.get("bad_steps_total", 0)
         self._resumed = {"process": checkpoint["process"], "ema_updates": state["ema_updates"]}
+
+
+def _shared_tensors(student: nn.Module, fake: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(student tensor, fake tensor) for every parameter both networks have under one name and shape: the LoRA
+    matrices of two adapters on one base, the routers when both route alike, the weights of two full copies."""
+    theirs = dict(fake.named_parameters())
+    return [(p, theirs[n]) for n, p in student.named_parameters() if n in theirs and theirs[n].shape == p.shape]
+
+
+@torch.no_grad()
+def copy_shared_tensors(student: nn.Module, fake: nn.Module) -> None:
+    """``networks.fake_init=student``: the fake score starts from the student's values of every tensor they share."""
+    for s, f in _shared_tensors(student, fake):
+        f.copy_(s)

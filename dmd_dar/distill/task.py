@@ -39,7 +39,10 @@ class DistillTask:
     student_times: list[float]
     feature_dim: int
 
-    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
+    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool, role: str = "student"
+                      ) -> nn.Module:
+        """A trainable network of ``role``: ``student`` (built first; later builds are fresh students for
+        gathered weights) or ``fake`` (the fake score)."""
         raise NotImplementedError
 
     def param_groups(self, net: nn.Module, lr: float, routing_lr: float | None, weight_decay: float) -> list[dict]:
@@ -130,9 +133,10 @@ class NativeTask(DistillTask):
         self.data_cfg = data_cfg
         self._dataset = None
 
-    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
-        """A trainable copy of the teacher: a function-preserving DAR retrofit, or a plain residual copy, without
-        the teacher's label dropout (``disable_dropout`` says why)."""
+    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool, role: str = "student"
+                      ) -> nn.Module:
+        """A trainable copy of the teacher (either role): a function-preserving DAR retrofit, or a plain residual
+        copy, without the teacher's label dropout (``disable_dropout`` says why)."""
         net = to_dar(self.net, routing) if routing.is_dar else copy.deepcopy(self.net)
         net.cfg.gradient_checkpointing = gradient_checkpointing
         net.cfg.class_dropout_prob = 0.0  # the copy's own config, so the export records what was trained

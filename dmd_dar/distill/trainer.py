@@ -234,9 +234,12 @@ def run(cfg: DistillConfig) -> Path:
         if state.critic_networks:  # none for Decoupled DMD with the meanvar regulariser alone
             for net in state.critic_networks:
                 net.train()
-            logs.update(_phase_update(accelerator, "critic", "critic", state.critic_networks, state.f_opt,
-                                      state.f_sched, critic_params, cfg.fake_optim.grad_clip, state.guard,
-                                      method.critic_step, micro)[1])
+            critic_stepped, critic_logs = _phase_update(
+                accelerator, "critic", "critic", state.critic_networks, state.f_opt, state.f_sched, critic_params,
+                cfg.fake_optim.grad_clip, state.guard, method.critic_step, micro)
+            logs.update(critic_logs)
+            if critic_stepped:
+                state.track_student()
         last_logs.update(logs)
         state.step = done = step + 1
         if do_log:

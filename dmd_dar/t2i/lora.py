@@ -1,12 +1,24 @@
-"""LoRA on a diffusers transformer through peft (the diffusers ``add_adapter`` path), merge and export.
+"""LoRA on a diffusers transformer through peft (the diffusers ``add_adapter`` path), merge and export; and the
+shared frozen base of LoRA runs (``SharedBase``).
 
 Only the LoRA matrices of the transformer train (plus the DAR routers, which live beside the transformer and train
 fully); the base weights stay frozen in the storage dtype.
+
+Shared base (``t2i.lora_rank > 0``, ``t2i.shared_base=true``): one frozen transformer carries two named peft
+adapters, the student's and the fake score's; the teacher is the same transformer with adapters disabled. Each
+network that runs on it owns its adapter's LoRA matrices as its own submodules (``SharedBase.leaves``), so its
+``parameters()`` / ``state_dict()`` are exactly what it trains (an optimizer, DDP, the EMA and checkpoints see
+no base tensor), and before every forward it binds them into its adapter slot and makes that slot the only
+active one (``SharedBase.use``). Binding, not only selecting, is what lets a copy (the EMA of the student) run
+with its own matrices in the student's slot. Under activation checkpointing a sublayer is recomputed during
+the backward, when another network may be bound: ``checkpointable`` re-binds the forward's adapter first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,11 +30,17 @@ from dmd_dar.utils.io import atomic_save_safetensors, atomic_write_json
 ADAPTER = "default"
 
 
-def add_lora(transformer: nn.Module, rank: int, alpha: float | None, targets: list[str] | tuple[str, ...]) -> None:
-    """Inject LoRA (rank, alpha) into the linear layers named by ``targets`` and freeze everything else."""
+def add_lora(transformer: nn.Module, rank: int, alpha: float | None, targets: list[str] | tuple[str, ...],
+             adapter_name: str = ADAPTER, name_key: str = "t2i.student_adapter") -> None:
+    """Inject LoRA (rank, alpha) named ``adapter_name`` into the linear layers named by ``targets``; every
+    non-LoRA weight is frozen. ``name_key``: the config key that names the adapter (for the collision message)."""
     # lazy: peft imports transformers (seconds); only LoRA runs need it
     from peft import LoraConfig
 
+    existing = list(getattr(transformer, "peft_config", {}) or {})
+    if adapter_name in existing:
+        raise UserError(f"{name_key}={adapter_name!r}: {type(transformer).__name__} already has an adapter of that "
+                        f"name (adapters: {', '.join(existing)}); choose another name with {name_key}=<name>")
     present = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()}
     names = {name for name, _ in transformer.named_modules()}
     usable = [t for t in targets if t in present or any(n.endswith("." + t) for n in names)]
@@ -32,7 +50,14 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float | None, targets: li
     transformer.requires_grad_(False)
     cfg = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=usable,
                      init_lora_weights=True)
-    transformer.add_adapter(cfg, adapter_name=ADAPTER)
+    if hasattr(transformer, "add_adapter"):
+        transformer.add_adapter(cfg, adapter_name=adapter_name)
+    else:  # a diffusers model without PeftAdapterMixin (PixArt): peft directly, recording the config the same way
+        # lazy: peft imports transformers (seconds); only LoRA runs need it
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(cfg, transformer, adapter_name=adapter_name)
+        transformer.peft_config = {**(getattr(transformer, "peft_config", None) or {}), adapter_name: cfg}
     for name, p in transformer.named_parameters():
         p.requires_grad_("lora_" in name)
 
@@ -44,22 +69,34 @@ def has_lora(module: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
-def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(transformer: nn.Module, adapter_name: str = ADAPTER) -> dict[str, torch.Tensor]:
     # lazy: peft imports transformers (seconds); only LoRA runs need it
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
 
 
-def save_lora(transformer: nn.Module, folder: Path) -> Path:
+def adapter_names(transformer: nn.Module) -> list[str]:
+    """The peft adapters injected into ``transformer`` (empty without any)."""
+    return list(getattr(transformer, "peft_config", {}) or {})
+
+
+def save_lora(transformer: nn.Module, folder: Path, adapter_name: str = ADAPTER,
+              pipeline_class: type | None = None) -> Path:
     """peft's adapter format: ``adapter_model.safetensors`` + ``adapter_config.json`` (load with
-    ``peft.inject_adapter_in_model`` + ``peft.set_peft_model_state_dict``, or diffusers' ``load_lora_adapter``)."""
+    ``peft.inject_adapter_in_model`` + ``peft.set_peft_model_state_dict``); with ``pipeline_class`` also diffusers'
+    LoRA file ``pytorch_lora_weights.safetensors`` (keys ``transformer.*`` and the adapter config as metadata),
+    which ``pipe.load_lora_weights(folder)`` loads into that pipeline's transformer."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(transformer).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(transformer, adapter_name).items()}
     atomic_save_safetensors(state, folder / "adapter_model.safetensors")
-    cfg = transformer.peft_config[ADAPTER].to_dict()
+    cfg = transformer.peft_config[adapter_name].to_dict()
     cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else cfg.get("target_modules")
-    atomic_write_json(json.loads(json.dumps(cfg, default=str)), folder / "adapter_config.json")
+    cfg = json.loads(json.dumps(cfg, default=str))
+    atomic_write_json(cfg, folder / "adapter_config.json")
+    if pipeline_class is not None and hasattr(pipeline_class, "save_lora_weights"):
+        pipeline_class.save_lora_weights(str(folder), transformer_lora_layers=state, safe_serialization=True,
+                                         transformer_lora_adapter_metadata=cfg)
     return folder
 
 
@@ -79,3 +116,118 @@ def merge_lora(module: nn.Module) -> nn.Module:
         if attr in vars(module):
             delattr(module, attr)
     return module
+
+
+def _tuner_layers(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+    # lazy: peft imports transformers (seconds); only LoRA runs need it
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(name, m) for name, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _leaf_key(path: str) -> str:
+    return path.replace(".", "__")  # ModuleDict keys cannot hold dots
+
+
+class SharedBase:
+    """The one frozen base transformer of a LoRA run and its adapter slots (module docstring).
+
+    Not an ``nn.Module`` on purpose: a network holds it without registering the base, and ``copy.deepcopy`` of a
+    network (the EMA) keeps pointing at the same base (``__deepcopy__`` returns the holder itself).
+    """
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer.requires_grad_(False).eval()
+        self._bound: tuple[int, str] | None = None  # (id of the bound leaves, slot); None: adapters off
+        self._bound_leaves: nn.ModuleDict | None = None
+        self.slots: dict[str, nn.ModuleDict] = {}  # adapter name -> the matrices it was injected with
+        self._layers: list[tuple[str, nn.Module]] = []
+        # What run_sublayer (dmd_dar.backbones.common) calls around a checkpointed sublayer.
+        transformer.dmd_dar_checkpointable = self.checkpointable
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def add_adapter(self, slot: str, rank: int, alpha: float | None, targets, name_key: str) -> nn.ModuleDict:
+        """Inject adapter ``slot`` and return its LoRA matrices as ``{layer path: {"lora_A", "lora_B"}}``
+        (trainable; the path's dots written ``__``)."""
+        add_lora(self.transformer, rank, alpha, targets, adapter_name=slot, name_key=name_key)
+        self.transformer.requires_grad_(False)
+        self._layers = _tuner_layers(self.transformer)
+        self._bound = None
+        leaves = nn.ModuleDict({_leaf_key(path): nn.ModuleDict({"lora_A": layer.lora_A[slot],
+                                                                "lora_B": layer.lora_B[slot]})
+                                for path, layer in self._layers if slot in layer.lora_A})
+        self.slots[slot] = leaves
+        for trained in self.slots.values():  # peft's add_adapter froze the adapters added before this one
+            trained.requires_grad_(True)
+        return leaves
+
+    def use(self, leaves: nn.ModuleDict | None, slot: str | None) -> None:
+        """Run the next forward with ``leaves`` bound into adapter ``slot`` as the only active adapter; with
+        ``leaves=None`` with every adapter off (the teacher). Cheap when nothing changes."""
+        want = None if leaves is None else (id(leaves), slot)
+        if want == self._bound:
+            return
+        self._bound_leaves = leaves
+        for path, layer in self._layers:
+            if leaves is None:
+                layer._disable_adapters = True  # not enable_adapters(): that also flips requires_grad
+                continue
+            layer._disable_adapters = False
+            layer._active_adapter = [slot]  # not set_adapter(): that also flips requires_grad
+            pair = leaves[_leaf_key(path)]
+            if layer.lora_A[slot] is not pair["lora_A"]:
+                layer.lora_A[slot], layer.lora_B[slot] = pair["lora_A"], pair["lora_B"]
+        self._bound = want
+
+    def checkpointable(self, fn: Callable) -> Callable:
+        """``fn`` that first re-binds the adapter bound now (for its recomputation in the backward)."""
+        bound = self._bound
+        if bound is None:
+            return fn
+        leaves, slot = self._bound_leaves, bound[1]
+
+        def run(*args):
+            self.use(leaves, slot)
+            return fn(*args)
+
+        return run
+
+
+def weights_digest(transformer: nn.Module) -> str:
+    """sha256 of a base transformer's weight names, shapes, dtypes and a strided sample of up to 4096 values of
+    each (LoRA matrices left out): what a checkpoint records so that a resume against another base is refused.
+    Hashing every value of a 20B model would take minutes; two different checkpoints agreeing on every sampled
+    value do not occur in practice."""
+    h = hashlib.sha256()
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().contiguous()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def merged_state_dict(transformer: nn.Module, adapter_name: str | None, dtype: torch.dtype
+                      ) -> dict[str, torch.Tensor]:
+    """The stock state dict of ``transformer`` (peft's ``base_layer`` names undone, every LoRA matrix left out)
+    with adapter ``adapter_name`` merged into its layers (``None``: as it is), on the CPU in ``dtype``, one tensor
+    at a time."""
+    layers = dict(_tuner_layers(transformer))
+    out = {}
+    for name, t in transformer.state_dict().items():
+        if "lora_" in name:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if owner == "base_layer" or owner.endswith(".base_layer"):
+            owner = owner[: -len("base_layer")].rstrip(".")
+            layer = layers[owner]
+            if adapter_name is not None and leaf == "weight" and adapter_name in layer.lora_A:
+                t = t + layer.get_delta_weight(adapter_name).to(t.dtype)
+            name = f"{owner}.{leaf}"
+        out[name] = t.detach().to("cpu", dtype).contiguous()
+    return out

@@ -6,7 +6,8 @@ A source is one of
 - a ``.jsonl`` file: one JSON object per line with a string under the caption key;
 - a project prompt set by name: ``detail`` (``eval/prompts/detail_prompts.txt``).
 
-Relative paths that do not exist here are looked up in the project root (paths in ``configs/``).
+Relative paths that do not exist here are looked up in the project root and in the package (paths in
+``configs/``, shipped as ``dmd_dar/configs``).
 
 Empty sources and invalid rows are ``UserError``s that name the file and the line numbers.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 from dmd_dar.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-PROMPT_SETS = {"detail": PROJECT_ROOT / "eval" / "prompts" / "detail_prompts.txt"}
+# dmd_dar/prompt_sets: in a source checkout a link to eval/prompts, in a wheel its copy (package data)
+PROMPT_SETS = {"detail": PROJECT_ROOT / "dmd_dar" / "prompt_sets" / "detail_prompts.txt"}
 _MAX_LISTED = 10
 
 
@@ -87,8 +89,13 @@ def _jsonl(path: Path, key: str) -> list[str]:
 def load_prompts(source: str, caption_key: str = "caption") -> list[str]:
     """The prompts of one source (see the module docstring)."""
     path = PROMPT_SETS.get(source, Path(source).expanduser())
-    if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
-        path = PROJECT_ROOT / path  # project-relative paths in configs/ (e.g. configs/t2i/imagenet_class_ids.txt)
+    if not path.is_file() and not path.is_absolute():
+        # project-relative paths in configs/ (configs/t2i/imagenet_class_ids.txt): the source checkout's, or the
+        # copy shipped inside the package (dmd_dar/configs) after a non-editable install
+        for root in (PROJECT_ROOT, PROJECT_ROOT / "dmd_dar"):
+            if (root / path).is_file():
+                path = root / path
+                break
     if not path.is_file():
         raise UserError(f"prompt file {source} not found; pass a .txt / .csv / .jsonl file or a prompt set "
                         f"({', '.join(PROMPT_SETS)})")

@@ -7,17 +7,23 @@ Selected with ``networks.teacher_kind=diffusers``; settings under ``t2i.*`` (``T
 - reads the prompts (``dmd_dar.t2i.prompts``), computes their text embeddings once with the pipeline's own
   ``encode_prompt`` and caches them on disk (``dmd_dar.t2i.embeddings``); the text encoders are then dropped,
   and on a later run with every prompt cached they are not even loaded;
-- student and fake score: ``wrap_with_dar(copy of the transformer, routing)`` (the residual twin when
-  ``routing.kind=residual``), optionally LoRA-adapted through peft (``t2i.lora_rank``); DAR routers train fully,
-  in their own optimizer group;
+- student and fake score: ``wrap_with_dar(transformer, routing)`` (the residual twin when
+  ``routing.kind=residual``). Full fine-tuning (``t2i.lora_rank=0``) trains copies of the transformer. LoRA
+  (``t2i.lora_rank > 0``, peft) runs, by default (``t2i.shared_base``), on one frozen base: the student is the
+  base with adapter ``t2i.student_adapter`` bound and active (``AdapterNet``, its DAR routers beside it), the fake
+  score the same base with ``t2i.fake_adapter``, the teacher the base with adapters off (``dmd_dar.t2i.lora.
+  SharedBase``); no base weight exists twice, and each network's parameters (what its optimizer, DDP, the EMA and
+  the checkpoints see) are its own LoRA matrices and routers only. DAR routers train fully, in their own
+  optimizer group. Under FSDP a LoRA run keeps three copies (the shared base is not sharded yet);
 - the real score's guidance in the model's own form: two-pass CFG against ``t2i.negative_prompt`` for SD3,
   PixArt, DiT and Qwen-Image; Flux-dev's embedded guidance (the scale is a model input, one pass, no null
   condition); the student and fake score of Flux-dev get the fixed ``t2i.embedded_guidance``;
 - the teacher's flow shift (static, or dynamic ``exp(mu)`` at the training resolution) for the DM / fake-score
   timesteps and the few-step student schedule;
 - ``decode``: the VAE with its scaling / shift factors (Qwen-Image: per-channel latent mean / std);
-- ``export``: a diffusers-loadable transformer folder (LoRA merged) + the DAR routers + the few-step schedule
-  (``dmd_dar.t2i.export``), sampled by ``dmd-dar sample checkpoint=<export> prompt="..."``.
+- ``export``: the adapter (peft and diffusers formats), the DAR routers and the few-step schedule, plus a merged
+  transformer when asked (``export.merge``; always for full fine-tuning) (``dmd_dar.t2i.export``), sampled by
+  ``dmd-dar sample checkpoint=<export> prompt="..."``.
 
 Not available here (UserError at start): the GAN head and few-step training on real latents (both need real
 images; DMD2 on prompts is data-free), and the DMD1 regression loss (it needs cached teacher ODE pairs).
@@ -49,9 +55,10 @@ from dmd_dar.t2i import loading as L
 from dmd_dar.t2i import memory as M
 from dmd_dar.t2i.export import export_student
 from dmd_dar.t2i.families import T2INet
-from dmd_dar.t2i.lora import add_lora
+from dmd_dar.t2i.lora import SharedBase, add_lora, weights_digest
 from dmd_dar.t2i.prompts import load_prompt_sources
 from dmd_dar.training.seeding import derive_seed
+from dmd_dar.training.sharding import fsdp_requested
 from dmd_dar.utils.io import atomic_save_safetensors, load_safetensors
 
 
@@ -67,13 +74,26 @@ class EmbeddedGuidanceDenoiser(Denoiser):
         return self.path.pred_to_x0(self.pred(x_t, t, {**cond, "guidance": g}), x_t, t)
 
 
-class _Teacher(T2INet):
+class TeacherNet(T2INet):
+    """The teacher's ``T2INet``; on a shared base (``base``) every forward first switches the adapters off."""
+
+    def __init__(self, model, family, embedded_guidance, base: SharedBase | None) -> None:
+        super().__init__(model, family, embedded_guidance)
+        self._base = base
+
+    def forward(self, x_t, t, cond):
+        if self._base is not None:
+            self._base.use(None, None)
+        return super().forward(x_t, t, cond)
+
+
+class _Teacher(TeacherNet):
     """The frozen teacher, placed on first use: on the device, or (``offload_teacher``) kept in CPU memory and
     streamed to the device layer by layer through accelerate's ``cpu_offload``. Placing it late lets the
     student / fake copies be made from the untouched CPU weights."""
 
-    def __init__(self, model, family, embedded_guidance, device, offload: bool) -> None:
-        super().__init__(model, family, embedded_guidance)
+    def __init__(self, model, family, embedded_guidance, device, offload: bool, base: SharedBase | None) -> None:
+        super().__init__(model, family, embedded_guidance, base)
         self._device, self._offload, self._placed = torch.device(device), offload, False
 
     def forward(self, x_t, t, cond):
@@ -84,6 +104,87 @@ class _Teacher(T2INet):
                 self.model.to(self._device)
             self._placed = True
         return super().forward(x_t, t, cond)
+
+
+class AdapterNet(T2INet):
+    """A network on the shared frozen base (module docstring): the DAR wrapper of the base (routers registered,
+    the base itself not) and this network's own LoRA matrices (``adapter``), bound into adapter slot ``slot``
+    before every forward. ``copy.deepcopy`` (the EMA) copies the matrices and routers and shares the base."""
+
+    def __init__(self, wrapped: nn.Module, family, embedded_guidance, base: SharedBase, slot: str,
+                 adapter: nn.ModuleDict) -> None:
+        super().__init__(wrapped, family, embedded_guidance)
+        self.adapter = adapter
+        self.slot = slot
+        self._base = base
+
+    def __deepcopy__(self, memo):
+        memo[id(self._base.transformer)] = self._base.transformer  # the base stays shared; all else is copied
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def bind(self) -> None:
+        """Make the base compute this network (its matrices in its slot, the only active adapter)."""
+        self._base.use(self.adapter, self.slot)
+
+    def forward(self, x_t, t, cond):
+        self.bind()
+        return super().forward(x_t, t, cond)
+
+
+def _unregister_base(wrapped: nn.Module) -> nn.Module:
+    """Keep the wrapper's ``transformer`` reachable as an attribute but out of its module tree (parameters,
+    state_dict, ``.to()``, ``.train()``), so that only the routers belong to the wrapper."""
+    base = wrapped._modules.pop("transformer")
+    wrapped.__dict__["transformer"] = base
+    return wrapped
+
+
+def copied_network(transformer: nn.Module, routing: RoutingConfig, tc, family, embedded_guidance,
+                   train_dtype: torch.dtype, gradient_checkpointing: bool) -> T2INet:
+    """A trainable copy of ``transformer``: DAR retrofit (or residual twin) [+ LoRA named ``lora.ADAPTER``, every
+    other weight frozen]; trainable tensors in ``train_dtype``. ``tc``: the ``T2IConfig``."""
+    model = copy.deepcopy(transformer)
+    wrapped = wrap_with_dar(model, routing, route_text=tc.route_text)
+    if tc.lora_rank > 0:
+        add_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets or family.lora_targets)
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(train_dtype)
+        for p in list(wrapped.router.parameters()) + list(getattr(wrapped.text_router, "parameters", list)()):
+            p.requires_grad_(True)
+            p.data = p.data.to(train_dtype)
+    else:
+        for p in wrapped.parameters():  # per tensor: ModelMixin.to() warns about fp32-pinned modules
+            p.data = p.data.to(train_dtype)
+        wrapped.requires_grad_(True)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return T2INet(wrapped, family, embedded_guidance)
+
+
+def network_on_base(base: SharedBase, role: str, routing: RoutingConfig, tc, family, embedded_guidance,
+                    train_dtype: torch.dtype, device, gradient_checkpointing: bool) -> AdapterNet:
+    """The ``role`` (student | fake) network on the shared base: its adapter (``t2i.student_adapter`` /
+    ``t2i.fake_adapter``) is injected on the role's first build (in the order student, fake: the same LoRA initial
+    draws as the copies get); a later build of a role gets copies of that adapter's current matrices (bound into
+    the same slot when it runs). LoRA and routers train in ``train_dtype``. ``tc``: the ``T2IConfig``."""
+    slot, key = (tc.student_adapter, "t2i.student_adapter") if role == "student" else \
+        (tc.fake_adapter, "t2i.fake_adapter")
+    wrapped = _unregister_base(wrap_with_dar(base.transformer, routing, route_text=tc.route_text))
+    if slot in base.slots:
+        adapter = copy.deepcopy(base.slots[slot])
+    else:
+        adapter = base.add_adapter(slot, tc.lora_rank, tc.lora_alpha, tc.lora_targets or family.lora_targets, key)
+    for p in list(adapter.parameters()) + list(wrapped.parameters()):
+        p.requires_grad_(True)
+        p.data = p.data.to(device=device, dtype=train_dtype)
+    if gradient_checkpointing:  # a property of the one base: on for every network once any asks for it
+        base.transformer.enable_gradient_checkpointing()
+    return AdapterNet(wrapped, family, embedded_guidance, base, slot, adapter)
 
 
 def _slice(cond: dict, i: int, j: int) -> dict:
@@ -128,6 +229,7 @@ class DiffusersT2ITask(DistillTask):
         self.labels = self._class_labels(pipe) if not fam.has_text else None
 
         self.transformer = pipe.transformer.requires_grad_(False).eval()
+        self.pipeline_class = type(pipe)
         self.vae = pipe.vae.to(self.device).requires_grad_(False).eval()
         self.vae_factor = L.vae_scale_factor(pipe)
         self.scheduler_config = dict(pipe.scheduler.config)
@@ -162,7 +264,16 @@ class DiffusersT2ITask(DistillTask):
         if self.guidance_form == "embedded":
             self.embedded_guidance = float(tc.embedded_guidance if tc.embedded_guidance is not None
                                            else m.guidance_scale)
-        teacher_net = _Teacher(self.transformer, fam, self.embedded_guidance, self.device, tc.offload_teacher)
+        # One frozen base for teacher, student and fake score (module docstring); FSDP keeps three copies.
+        self.base = None
+        if tc.lora_rank > 0 and tc.shared_base:
+            if fsdp_requested():  # the trainer's check_distribution makes this the launch's FSDP
+                _print("t2i.shared_base: FSDP launch, so the student and the fake score get their own (sharded) "
+                       "copies of the base; the shared base runs under DDP or in one process")
+            else:
+                self.base = SharedBase(self.transformer.to(self.device))
+        teacher_net = _Teacher(self.transformer, fam, self.embedded_guidance, self.device, tc.offload_teacher,
+                               self.base)
         teacher_net.vae_scale_factor = self.vae_factor
         if self.guidance_form == "embedded":
             self.teacher = EmbeddedGuidanceDenoiser(teacher_net, self.path, None)
@@ -238,34 +349,34 @@ class DiffusersT2ITask(DistillTask):
         return E.pad_condition(self._null, self.family, length)
 
     # -- DistillTask --------------------------------------------------------------------------------------------
-    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool) -> nn.Module:
-        """A trainable copy of the teacher: DAR retrofit (or residual twin) [+ LoRA], with every dropout
-        probability zeroed (``disable_dropout``: DiT's per-block label dropout, any attention / FF / LoRA dropout),
-        so it runs in ``.train()`` as in ``.eval()``; the second call (the fake score, after the student) prints
-        the memory estimate."""
-        tc = self.tc
-        model = copy.deepcopy(self.transformer)
-        wrapped = wrap_with_dar(model, routing, route_text=tc.route_text)
-        if tc.lora_rank > 0:
-            add_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets or self.family.lora_targets)
-            for p in wrapped.parameters():
-                if p.requires_grad:
-                    p.data = p.data.to(self.train_dtype)
-            for p in list(wrapped.router.parameters()) + list(getattr(wrapped.text_router, "parameters", list)()):
-                p.requires_grad_(True)
-                p.data = p.data.to(self.train_dtype)
+    def build_network(self, routing: RoutingConfig, gradient_checkpointing: bool, role: str = "student"
+                      ) -> nn.Module:
+        """A trainable network of ``role`` (student | fake): on the shared base (``AdapterNet``) or a copy of the
+        teacher; DAR retrofit (or residual twin) [+ LoRA], with every dropout probability zeroed
+        (``disable_dropout``: DiT's per-block label dropout, any attention / FF / LoRA dropout), so it runs in
+        ``.train()`` as in ``.eval()``; the second call (the fake score, after the student) prints the memory
+        estimate."""
+        if self.base is not None:
+            if role not in ("student", "fake"):
+                raise ValueError(f"role {role!r}: student or fake")
+            net = network_on_base(self.base, role, routing, self.tc, self.family, self.embedded_guidance,
+                                  self.train_dtype, self.device, gradient_checkpointing)
         else:
-            for p in wrapped.parameters():  # per tensor: ModelMixin.to() warns about fp32-pinned modules
-                p.data = p.data.to(self.train_dtype)
-            wrapped.requires_grad_(True)
-        if gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        net = disable_dropout(T2INet(wrapped, self.family, self.embedded_guidance)).to(self.device).train()
+            net = copied_network(self.transformer, routing, self.tc, self.family, self.embedded_guidance,
+                                 self.train_dtype, gradient_checkpointing)
+        net = disable_dropout(net).to(self.device).train()
         net.vae_scale_factor = self.vae_factor
         self._built.append(net)
         if len(self._built) == 2:
             self.print_memory_estimate(*self._built, gradient_checkpointing)
         return net
+
+    def teacher_identity(self) -> str:
+        """The digest of the frozen base weights (``weights_digest``), so a resume against another base
+        (another ``t2i.model`` or revision) is refused."""
+        if getattr(self, "_base_digest", None) is None:  # hashed once per run, on first use
+            self._base_digest = weights_digest(self.transformer)
+        return self._base_digest
 
     def param_groups(self, net, lr, routing_lr, weight_decay):
         return param_groups(net, lr, routing_lr, weight_decay)
@@ -342,24 +453,23 @@ class DiffusersT2ITask(DistillTask):
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def print_memory_estimate(self, student: nn.Module, fake: nn.Module, checkpointing: bool) -> dict[str, float]:
-        fb = torch.finfo(self.dtype).bits // 8
-        tb = torch.finfo(self.train_dtype).bits // 8
-        mixed = self.cfg.run.mixed_precision
-        act_bytes = 2 if mixed in ("bf16", "fp16") else tb
-        config = self.transformer.config
-        layers = len(getattr(self.transformer, "transformer_blocks", [])) + \
-            len(getattr(self.transformer, "single_transformer_blocks", []))
-        sublayers = sum(int(getattr(n.model.router, "num_sublayers", 0))
-                        for n in (student, fake) if getattr(n.model.routing_cfg, "is_dar", False))
-        est = M.estimate(M.count(self.transformer, fb, fb), M.count(student, fb, tb), M.count(fake, fb, tb),
-                         tokens=self.image_tokens + self.max_sequence_length, hidden=self.feature_dim
-                         or getattr(config, "num_attention_heads", 1) * getattr(config, "attention_head_dim", 1),
-                         layers=max(layers, 1), batch=self.cfg.run.batch_size, act_bytes=act_bytes,
-                         checkpointing=checkpointing, offload_teacher=self.tc.offload_teacher,
-                         dar_sublayers=sublayers)
+        """Print (main process) and return ``memory.estimate_for`` of this run, per process."""
+        cfg = self.cfg
+        try:
+            world = PartialState().num_processes
+        except Exception:  # no accelerate state: a plain script
+            world = 1
+        sharded = fsdp_requested()
+        est = M.estimate_for(self.transformer, student, fake, storage_dtype=self.dtype, train_dtype=self.train_dtype,
+                             mixed_precision=cfg.run.mixed_precision, tokens=self.image_tokens +
+                             self.max_sequence_length, batch=cfg.run.batch_size, checkpointing=checkpointing,
+                             ema=cfg.ema_decay > 0, offload_teacher=self.tc.offload_teacher, world_size=world,
+                             sharded=sharded)
+        base = "shared base" if self.base is not None else ("3 copies" if self.tc.lora_rank else "full fine-tuning")
         _print(M.format_estimate(est, f"memory estimate per process ({self.class_name}, "
-                                      f"{self.tc.height}x{self.tc.width}, batch {self.cfg.run.batch_size}, "
-                                      f"LoRA rank {self.tc.lora_rank or 'off'}, checkpointing {checkpointing}):"))
+                                      f"{self.tc.height}x{self.tc.width}, batch {cfg.run.batch_size}, "
+                                      f"LoRA rank {self.tc.lora_rank or 'off'} ({base}), checkpointing "
+                                      f"{checkpointing}, {world} process(es){', FSDP' if sharded else ''}):"))
         self.memory_estimate = est
         return est
 
