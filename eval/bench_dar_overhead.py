@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.main_job_cycles is None:
         args.main_job_cycles = 10 if args.compile != "false" else 0
     # One compiled model serves every router (each swap re-specialises it): room for all of them.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     retained = device.type == "cpu" and args.cpu_memory == "retain" and retain_freed_memory()
     if device.type == "cpu":
         print(f"CPU memory policy: {'retain freed memory' if retained else 'glibc default (release)'}")

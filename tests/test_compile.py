@@ -101,6 +101,8 @@ def test_dar_routers_compile_without_graph_breaks(query, chunk, summary):
     model = _tiny(query, chunk, summary)
     inputs = _inputs()
     assert torch._dynamo.explain(model)(*inputs).graph_break_count == 0
+    with torch.no_grad():  # the teacher's and the no-grad passes of the student and the fake score
+        assert torch._dynamo.explain(model)(*inputs).graph_break_count == 0
     # fullgraph: one graph for the forward, and the lean function's backward traced into the backward graph
     eager = _forward_backward(model, inputs)
     compiled = _forward_backward(model, inputs, torch.compile(model, fullgraph=True, backend="aot_eager"))
@@ -120,6 +122,8 @@ def test_inductor_forward_and_backward_equal_eager():
         torch.testing.assert_close(got[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
     assert is_compiled(model), "the compiled forward must not have fallen back to eager"
     assert list(model.state_dict()) == keys  # no _orig_mod. prefix: checkpoints and exports are unchanged
+    # student, fake score and teacher share SiT.forward's dynamo cache: more entries than dynamo's default 8
+    assert torch._dynamo.config.recompile_limit >= compiling.RECOMPILE_LIMIT
     twin = copy.deepcopy(model)  # e.g. an EMA copy: runs its own weights
     with torch.no_grad():
         for p in twin.parameters():

@@ -174,7 +174,12 @@ def _check_sources(sources: list[torch.Tensor]) -> None:
                              f"{tuple(first.shape)} {first.dtype} {first.device}")
 
 
-@torch.library.custom_op("dmd_dar::dar_fused_forward", mutates_args=())
+# cudagraph_unsafe: each call copies the sources' addresses to the device, which a captured CUDA graph (inductor's
+# max-autotune on CUDA) would replay with stale addresses; inductor runs the graph around these ops uncaptured.
+_TAGS = (torch.Tag.cudagraph_unsafe,)
+
+
+@torch.library.custom_op("dmd_dar::dar_fused_forward", mutates_args=(), tags=_TAGS)
 def dar_fused_forward(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, eps: float,
                       out_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h [B, T, D] in the sources' dtype, logits [N, B, T], inverse RMS [N, B, T], log-sum-exp [B, T])."""
@@ -206,7 +211,7 @@ def _(sources, query, gain, eps, out_scale):
     return first.new_empty(first.shape), logits, torch.empty_like(logits), first.new_empty((batch, tokens), dtype=cd)
 
 
-@torch.library.custom_op("dmd_dar::dar_fused_backward", mutates_args=())
+@torch.library.custom_op("dmd_dar::dar_fused_backward", mutates_args=(), tags=_TAGS)
 def dar_fused_backward(sources: list[torch.Tensor], query: torch.Tensor, gain: torch.Tensor, grad_h: torch.Tensor,
                        logits: torch.Tensor, rinv: torch.Tensor, lse: torch.Tensor, out_scale: float
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -24,6 +24,7 @@ from dmd_dar.errors import UserError, config_key
 log = logging.getLogger("dmd_dar")
 
 COMPILE_MODES = ("false", "default", "max-autotune")
+RECOMPILE_LIMIT = 64
 
 
 def check_compile_mode(value, section: str = "run") -> str:
@@ -101,6 +102,10 @@ def compile_forward(module: nn.Module, mode: str, name: str, key: str = "run.com
     if reason is not None:
         log.warning(f"warning: {key}={mode}: torch.compile is unavailable here ({reason}); {name} runs eager")
         return module
+    # Dynamo caches compiled graphs per code object, so networks of one class (student, fake score and teacher
+    # are all SiTs) share SiT.forward's entries: one per network, grad mode and input shape. Past the limit
+    # (8 by default) dynamo silently runs eager; room for all of them.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     module.forward = CompiledForward(module, compiled, name, f"{key}={mode}")
     return module
 
