@@ -15,6 +15,7 @@ import torch
 from test_distill_trainer import _overrides, tiny_teacher  # noqa: F401 (tiny_teacher: fixture)
 from test_teacher_training import _args as teacher_args
 from test_teacher_training import _losses
+from torch._dynamo.utils import counters
 
 from dmd_dar.cli import main
 from dmd_dar.config import build_config
@@ -33,6 +34,7 @@ from dmd_dar.utils.io import load_safetensors
 def _fresh_compile_state():
     compiling._platform_failure.cache_clear()  # the platform probe is cached per process
     torch._dynamo.reset()
+    counters.clear()
     yield
     compiling._platform_failure.cache_clear()
     torch._dynamo.reset()
@@ -212,6 +214,7 @@ def test_distill_with_compile_equals_eager_and_resumes(tiny_teacher, tmp_path, a
     # per iteration: student (generator phase), teacher + fake score (DM), fake score (critic) ...
     assert aot_eager.calls["SiT.forward"] >= 6
     assert _ours(caplog) == [], "no network may have fallen back to eager"
+    assert dict(counters["graph_break"]) == {}, "grad and no-grad passes alike trace as one graph each"
     assert main(["distill", *_overrides(tiny_teacher, compiled, 4, "run.compile=default")]) == 0  # resumes
     for name in ("generator", "fake_score", "generator_ema"):
         want, got = _state_files(eager, 4, name), _state_files(compiled, 4, name)
