@@ -195,8 +195,10 @@ def test_compile_setting_is_validated_and_off_by_default(tmp_path):
     with pytest.raises(UserError, match=r"^run\.compile='fast' is not valid; choose one of false, default, "
                                         r"max-autotune"):
         build_config(DistillConfig, [], ["run.compile=fast"])
-    with pytest.raises(UserError, match=r"^compile='true' is not valid"):
-        SampleConfig(compile="true")
+    with pytest.raises(UserError, match=r"^run\.compile=true names no mode; use run\.compile=default"):
+        build_config(DistillConfig, [], ["run.compile=true"])
+    with pytest.raises(UserError, match=r"^compile='fast' is not valid"):
+        SampleConfig(compile="fast")
 
 
 def _state_files(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:

@@ -33,6 +33,9 @@ def check_compile_mode(value, section: str = "run") -> str:
     text = str(value)
     if text in ("False", "false"):
         return "false"
+    if text in ("True", "true"):  # YAML's boolean true: compiling, but in which mode?
+        raise UserError(f"{config_key(section, 'compile')}=true names no mode; use "
+                        f"{config_key(section, 'compile')}=default (or max-autotune)")
     if text not in COMPILE_MODES:
         raise UserError(f"{config_key(section, 'compile')}={value!r} is not valid; choose one of "
                         f"{', '.join(COMPILE_MODES)} (default: torch.compile's default mode)")
