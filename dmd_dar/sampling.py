@@ -8,6 +8,7 @@ full runs and folders of two models pair for ``dmd-dar eval``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,11 @@ from dmd_dar.diffusion.samplers import check_guidance_interval
 from dmd_dar.errors import UserError
 from dmd_dar.t2i.export import find_export
 from dmd_dar.t2i.sample import sample_t2i
+from dmd_dar.training.compile import check_compile_mode, compile_forward
 from dmd_dar.training.seeding import derive_seed
 from dmd_dar.utils.device import resolve_device
+
+log = logging.getLogger("dmd_dar")
 
 
 @dataclass
@@ -41,8 +45,10 @@ class SampleConfig:
     device: str = "auto"  # auto | cpu | cuda
     prompt: str | None = None  # text-to-image students: one prompt ...
     prompts_file: str | None = None  # ... and/or a prompt file (.txt / .csv / .jsonl)
+    compile: str = "false"  # false | default | max-autotune: torch.compile the model's forward (class-conditional)
 
     def __post_init__(self) -> None:
+        self.compile = check_compile_mode(self.compile, section="")
         check_guidance_interval(self.cfg_interval)
         if self.num_per_class < 1:
             raise UserError(f"num_per_class={self.num_per_class} must be >= 1 (images per class or prompt)")
@@ -106,12 +112,16 @@ def run(cfg: SampleConfig) -> Path:
     """``dmd-dar sample``: sample ``cfg.checkpoint`` (a T2I student export, or a class-conditional model)."""
     t2i = find_export(cfg.checkpoint)
     if t2i is not None:  # a diffusers text-to-image student (dmd_dar.t2i)
+        if cfg.compile != "false":
+            log.warning(f"warning: compile={cfg.compile} applies to class-conditional models; this text-to-image "
+                        f"student is sampled eager")
         return sample_t2i(cfg, t2i)
     if cfg.prompt or cfg.prompts_file:
         raise UserError(f"{cfg.checkpoint}: prompt / prompts_file apply to text-to-image students only; this is a "
                         f"class-conditional model, use classes=[...]")
     folder = resolve_checkpoint(cfg.checkpoint)
     model, meta = load_artifact(folder, device=str(resolve_device(cfg.device)))
+    compile_forward(model, cfg.compile, f"the {meta.role}", key="compile")
     out = Path(cfg.out_dir) if cfg.out_dir else folder / "samples"
     records = sample_folder(model, meta, out, cfg)
     default = len(meta.student_timesteps) if meta.role == "student" else meta.diffusion.sample_steps

@@ -13,9 +13,20 @@ lean autograd function (in each of its layouts: ``stacked``, ``per_source``) and
 Variants are interleaved (one step of each, in rotating order, per timed round) so that drift of the machine
 (clocks, other jobs on shared cores) hits every variant alike.
 
+Paths per DAR variant: ``lean/<layout>`` (the lean autograd function), ``reference`` and, on CUDA with Triton,
+``triton`` (the fused kernel, ``routing.kernel=triton``). With ``--compile MODE`` every row, the residual
+baseline included, also runs under ``torch.compile(model, mode=MODE)`` (path ``...+compile``; its ratio is against
+the compiled residual model, as ``run.compile`` trains), and two more measures run in the same process:
+
+- the DAR aggregation alone (the final aggregator of a static_t / dynamic c4 model of each size: its N sources,
+  forward + backward), eager lean path against compiled (and the Triton kernel on CUDA);
+- the main job's wall time per iteration (``dmd-dar distill``'s recipe, configs/distill_embedded.yaml, timed
+  over whole TTUR cycles after warm-up cycles), eager against ``run.compile=MODE``.
+
     python eval/bench_dar_overhead.py --device cpu                       # both sizes, both lean layouts
     python eval/bench_dar_overhead.py --device cpu --sizes embedded --layouts per_source
-    python eval/bench_dar_overhead.py --device cuda --dtype bf16 --batch 32 --json bench.json
+    python eval/bench_dar_overhead.py --device cpu --compile default --layouts per_source --json compile.json
+    python eval/bench_dar_overhead.py --device cuda --dtype bf16 --batch 32 --json bench.json   # + triton column
 
 On CPU the process keeps freed memory, as CPU training runs do (``dmd_dar/utils/cpu_memory.py``);
 ``--cpu-memory release`` measures under glibc's default policy instead.
@@ -25,10 +36,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import io
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +52,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dmd_dar.cli import find_command, resolve  # noqa: E402
+from dmd_dar.distill import trainer  # noqa: E402
 from dmd_dar.models import PRESETS, ModelConfig, build_model  # noqa: E402
-from dmd_dar.routing import RoutingConfig, build_router  # noqa: E402
+from dmd_dar.routing import RoutingConfig, aggregate_lean, build_router, source_indices  # noqa: E402
 from dmd_dar.routing.config import LEAN_LAYOUTS  # noqa: E402
+from dmd_dar.routing.kernel import aggregate_fused, kernel_unavailable_reason  # noqa: E402
+from dmd_dar.training.compile import COMPILE_MODES  # noqa: E402
 from dmd_dar.utils.cpu_memory import retain_freed_memory  # noqa: E402
 
 SIZES = {
@@ -48,6 +67,7 @@ SIZES = {
                num_classes=1000),
     # The embedded teacher's architecture (d 128, depth 6, 4 heads, patch 4, 8 classes, attention bias, conv MLP).
     "embedded": dict(PRESETS["embedded"]),
+    "tiny": dict(PRESETS["tiny"]),  # for smoke-running this script, not a figure
 }
 # (name, routing or None for residual); each DAR variant runs lean and reference.
 VARIANTS = [
@@ -56,6 +76,8 @@ VARIANTS = [
     ("dense static_t", dict(kind="dar", query="static_t", chunk_size=1)),
 ]
 TIME_TARGETS = {"static_t c4": 1.10, "dynamic c4": 1.25}
+# With run.compile (DAR and residual both compiled), per (size, variant): the issue's CPU targets.
+COMPILED_TIME_TARGETS = {("xl", "static_t c4"): 1.05, ("embedded", "static_t c4"): 1.10, ("xl", "dynamic c4"): 1.15}
 MEMORY_TARGET = 1.30
 # Defaults per (device, size): batch, timed iterations, warm-up iterations, run the reference path.
 DEFAULTS = {
@@ -65,6 +87,8 @@ DEFAULTS = {
     ("cpu", "embedded"): (16, 10, 2, True),
     ("cuda", "xl"): (8, 20, 3, True),
     ("cuda", "embedded"): (128, 30, 3, True),
+    ("cpu", "tiny"): (2, 2, 1, True),
+    ("cuda", "tiny"): (2, 2, 1, True),
 }
 
 
@@ -77,6 +101,7 @@ class Variant:
     memory: int = 0
     saved: int = 0
     failed: str = ""  # e.g. "OOM": the variant is reported but not timed
+    compiled: bool = False  # run under torch.compile (its memory is not measured: no saved-tensor hooks there)
 
 
 class SavedBytes:
@@ -103,10 +128,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(model, x, t, y, autocast) -> None:
+def _step(model, x, t, y, autocast, fn=None) -> None:
+    """One forward + backward of ``model`` (through ``fn``, its compiled twin, when given)."""
     model.zero_grad(set_to_none=False)
     with autocast():
-        out = model(x, t, y)
+        out = (model if fn is None else fn)(x, t, y)
     out.float().pow(2).mean().backward()
 
 
@@ -132,15 +158,28 @@ def bench_size(size: str, args, device: torch.device) -> list[dict]:
     n, dim = cfg.num_sublayers, cfg.hidden_size
     variants = [Variant("residual", "-", model.router, [])]
     paths = [f"lean/{layout}" for layout in args.layouts] + (["reference"] if reference else [])
+    if args.kernel:
+        paths.append("triton")
     for label, kw in VARIANTS:
         for path in paths:
             lean = path.startswith("lean/")
-            routing = RoutingConfig(**kw, lean=lean, lean_layout=path.split("/")[1] if lean else "auto")
+            routing = RoutingConfig(**kw, lean=lean or path == "triton",
+                                    lean_layout=path.split("/")[1] if lean else "auto",
+                                    kernel="triton" if path == "triton" else "torch")
             router = build_router(routing, n, dim).to(device)
             with torch.no_grad():  # non-trivial routing weights
                 for p in router.parameters():
                     p.add_(0.02 * torch.randn_like(p))
             variants.append(Variant(label, path, router, []))
+    compiled_fn = None
+    if args.compile != "false":
+        # One compiled model; swapping the router re-specialises it (one cache entry per variant).
+        compiled_fn = torch.compile(model, mode=args.compile)
+        variants += [Variant(v.label, "compile" if v.path == "-" else f"{v.path}+compile", v.router, [], compiled=True)
+                     for v in list(variants)
+                     # the reference path exists to check the others, not to be fast; compile (minutes per variant
+                     # at XL on CPU) what has a target
+                     if v.path != "reference" and (v.label == "residual" or v.label in TIME_TARGETS)]
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     t = torch.rand(batch, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
@@ -151,6 +190,8 @@ def bench_size(size: str, args, device: torch.device) -> list[dict]:
 
     # Memory, untimed. Saved activations: one forward under the hooks (the graph is dropped unused).
     for v in variants:
+        if v.compiled:
+            continue
         _use(model, v)
         try:
             counter = SavedBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
@@ -178,10 +219,13 @@ def bench_size(size: str, args, device: torch.device) -> list[dict]:
     variants = [v for v in variants if not v.failed] + [v for v in variants if v.failed]
     timed = [v for v in variants if not v.failed]
 
+    def fn_of(v: Variant):
+        return compiled_fn if v.compiled else None
+
     for v in timed:
         _use(model, v)
-        for _ in range(warmup):
-            _step(model, x, t, y, autocast)
+        for _ in range(max(warmup, 2) if v.compiled else warmup):  # compiled: the first steps compile
+            _step(model, x, t, y, autocast, fn_of(v))
     _sync(device)
     for i in range(iters):
         k = i % len(timed)
@@ -189,12 +233,13 @@ def bench_size(size: str, args, device: torch.device) -> list[dict]:
             _use(model, v)
             _sync(device)
             start = time.perf_counter()
-            _step(model, x, t, y, autocast)
+            _step(model, x, t, y, autocast, fn_of(v))
             _sync(device)
             v.times.append(time.perf_counter() - start)
     _use(model, variants[0])
 
     base_time = statistics.median(variants[0].times)
+    compiled_base = next((v for v in variants if v.compiled and v.label == "residual"), None)
     base_mem = variants[0].memory
     rows = []
     for v in variants:
@@ -204,11 +249,18 @@ def bench_size(size: str, args, device: torch.device) -> list[dict]:
                              memory_mb=float("nan"), memory_ratio=float("nan"), saved_mb=v.saved / 2**20))
             continue
         med = statistics.median(v.times)
+        base = statistics.median(compiled_base.times) if v.compiled else base_time
+        memory = float("nan") if v.compiled else v.memory / 2**20
         row = dict(size=size, variant=v.label, path=v.path, batch=batch, tokens=cfg.num_tokens, iters=iters,
-                   time_ms=1e3 * med, time_ratio=med / base_time, memory_mb=v.memory / 2**20,
-                   memory_ratio=v.memory / base_mem if base_mem else float("nan"), saved_mb=v.saved / 2**20,
+                   time_ms=1e3 * med, time_ratio=med / base, memory_mb=memory,
+                   memory_ratio=v.memory / base_mem if base_mem and not v.compiled else float("nan"),
+                   saved_mb=float("nan") if v.compiled else v.saved / 2**20,
                    router_params=sum(p.numel() for p in v.router.parameters()))
-        if v.path.startswith("lean/"):
+        if v.compiled:
+            target = COMPILED_TIME_TARGETS.get((size, v.label))
+            row["time_target"] = target
+            row["time_pass"] = None if target is None else row["time_ratio"] <= target
+        elif v.path.startswith("lean/") or v.path == "triton":
             target = TIME_TARGETS.get(v.label)
             row["time_target"] = target
             row["time_pass"] = None if target is None else row["time_ratio"] <= target
@@ -225,24 +277,154 @@ def _fmt_pass(flag) -> str:
 def print_table(rows: list[dict], device: str, dtype: str) -> None:
     mem_name = "peak MB" if device == "cuda" else "saved MB"
     print(f"\nDAR overhead, forward+backward, device={device} dtype={dtype} "
-          f"(memory = {'CUDA peak above start' if device == 'cuda' else 'autograd-saved activations'})")
-    head = (f"{'size':9} {'variant':15} {'path':16} {'batch':>5} {'ms':>9} {'time x':>7} {mem_name:>9} "
+          f"(memory = {'CUDA peak above start' if device == 'cuda' else 'autograd-saved activations'}; "
+          f"+compile rows: ratio against the compiled residual model)")
+    head = (f"{'size':9} {'variant':15} {'path':24} {'batch':>5} {'ms':>9} {'time x':>7} {mem_name:>9} "
             f"{'mem x':>6} {'target':>14} {'time':>5} {'mem':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if r.get("failed"):
-            print(f"{r['size']:9} {r['variant']:15} {r['path']:16} {r['batch']:>5} {r['failed']:>9}")
+            print(f"{r['size']:9} {r['variant']:15} {r['path']:24} {r['batch']:>5} {r['failed']:>9}")
             continue
-        target = ""
-        lean = r["path"].startswith("lean/")
-        if lean:
-            tt = r.get("time_target")
-            target = (f"t<={tt:.2f} " if tt else "") + f"m<={r['memory_target']:.1f}"
-        print(f"{r['size']:9} {r['variant']:15} {r['path']:16} {r['batch']:>5} {r['time_ms']:9.1f} "
+        tt, mt = r.get("time_target"), r.get("memory_target")
+        target = (f"t<={tt:.2f} " if tt else "") + (f"m<={mt:.1f}" if mt else "")
+        time_flag = _fmt_pass(r.get("time_pass")) if "time_pass" in r else ""
+        mem_flag = _fmt_pass(r.get("memory_pass")) if "memory_pass" in r else ""
+        print(f"{r['size']:9} {r['variant']:15} {r['path']:24} {r['batch']:>5} {r['time_ms']:9.1f} "
               f"{r['time_ratio']:7.3f} {r['memory_mb']:9.1f} {r['memory_ratio']:6.3f} {target:>14} "
-              f"{_fmt_pass(r.get('time_pass')) if lean else '':>5} "
-              f"{_fmt_pass(r.get('memory_pass')) if lean else '':>5}")
+              f"{time_flag:>5} {mem_flag:>5}")
+
+
+# -- the DAR aggregation alone -------------------------------------------------------------------------------------
+def bench_aggregation(size: str, args, device: torch.device) -> list[dict]:
+    """Forward + backward of one aggregator (the final one of a c4 model of this size: the most sources), eager
+    lean path vs compiled (and the fused kernel on CUDA), for a static_t query [B, 1, D] and a dynamic one
+    [B, T, D]. Interleaved rounds, medians."""
+    cfg = ModelConfig(**SIZES[size])
+    d_batch = DEFAULTS[(device.type, size)][0]
+    batch, tokens, dim = args.batch or d_batch, cfg.num_tokens, cfg.hidden_size
+    n = len(source_indices(cfg.num_sublayers + 1, cfg.num_sublayers, 4))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    sources = [torch.randn(batch, tokens, dim, generator=gen).to(device, dtype).requires_grad_() for _ in range(n)]
+    gain = (1 + 0.1 * torch.randn(dim, generator=gen)).to(device).requires_grad_()
+    weight = torch.randn(batch, tokens, dim, generator=gen).to(device, dtype)
+    eager = functools.partial(aggregate_lean, layout=None)
+    impls = {"lean eager": eager}
+    if args.compile != "false":
+        impls["lean compiled"] = torch.compile(eager, mode=args.compile)
+    if args.kernel:
+        impls["triton"] = aggregate_fused
+    rows = []
+    for query_kind, q_tokens in (("static_t", 1), ("dynamic", tokens)):
+        query = (0.1 * torch.randn(batch, q_tokens, dim, generator=gen)).to(device).requires_grad_()
+        times: dict[str, list[float]] = {k: [] for k in impls}
+
+        def run(fn, query=query):
+            h, _ = fn(sources, query, gain, 1e-6, False)
+            torch.autograd.grad((h * weight).sum(), [query, gain, *sources])
+
+        for fn in impls.values():
+            for _ in range(max(args.warmup or 0, 2)):
+                run(fn)
+        names = list(impls)
+        for i in range(max(args.iters or 0, 10)):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                _sync(device)
+                start = time.perf_counter()
+                run(impls[name])
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+        base = statistics.median(times["lean eager"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append(dict(size=size, query=query_kind, impl=name, sources=n, batch=batch, tokens=tokens, dim=dim,
+                             time_ms=1e3 * med, vs_eager=med / base))
+    return rows
+
+
+def print_aggregation(rows: list[dict]) -> None:
+    print("\nDAR aggregation alone (final aggregator of a c4 model: N sources), forward + backward")
+    head = f"{'size':9} {'query':9} {'impl':14} {'N':>3} {'B x T x D':>16} {'ms':>9} {'x eager':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        shape = f"{r['batch']}x{r['tokens']}x{r['dim']}"
+        print(f"{r['size']:9} {r['query']:9} {r['impl']:14} {r['sources']:>3} {shape:>16} {r['time_ms']:9.2f} "
+              f"{r['vs_eager']:8.3f}")
+
+
+# -- the main job's iteration time ---------------------------------------------------------------------------------
+class CycleClock:
+    """Stands in for the trainer's ``tqdm``: yields its steps and times whole TTUR cycles (a generator update and
+    ``ttur - 1`` critic-only iterations), the first ``warmup`` cycles untimed (they compile)."""
+
+    def __init__(self, ttur: int, warmup: int) -> None:
+        self.ttur, self.warmup, self.cycles, self.steps = ttur, warmup, [], range(0)
+
+    def __call__(self, iterable, **_kwargs):
+        self.steps = iterable
+        return self
+
+    def set_postfix(self, *_args, **_kwargs) -> None:
+        pass
+
+    def __iter__(self):
+        start = None
+        for step in self.steps:
+            if step % self.ttur == 0:
+                if start is not None and step // self.ttur > self.warmup:
+                    self.cycles.append(time.perf_counter() - start)
+                start = time.perf_counter()
+            yield step
+        if start is not None and len(self.steps) // self.ttur > self.warmup:
+            self.cycles.append(time.perf_counter() - start)
+
+
+def bench_main_job(args, device: torch.device) -> list[dict]:
+    """``dmd-dar distill``'s recipe (configs/distill_embedded.yaml), eager and with run.compile, in one process:
+    seconds per iteration (TTUR cycle / ttur), medians over the timed cycles. Periodic grids, checkpoints and
+    logging are off; the 128 regression pairs are computed once and shared by both runs."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_main_job_") as tmp:
+        modes = ["false"] + ([args.compile] if args.compile != "false" else [])
+        for mode in modes:
+            probe = resolve(find_command("distill"), [], [])
+            ttur = probe.method.ttur
+            steps = (args.main_job_warmup + args.main_job_cycles) * ttur
+            overrides = [f"run.out_dir={tmp}/{mode}", f"run.steps={steps}", f"method.regression_cache={tmp}",
+                         "run.sample_every=0", "run.ckpt_every=0", "debug_grid_every=0", "run.log_with=none",
+                         "run.progress=false", "run.resume=false", f"run.compile={mode}",
+                         f"run.cpu={'true' if device.type == 'cpu' else 'false'}", *args.main_job_overrides]
+            cfg = resolve(find_command("distill"), [], overrides)
+            clock = CycleClock(ttur, args.main_job_warmup)
+            original, trainer.tqdm = trainer.tqdm, clock
+            started = time.perf_counter()
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    trainer.run(cfg)
+            finally:
+                trainer.tqdm = original
+            per_iter = statistics.median(clock.cycles) / ttur
+            rows.append(dict(compile=mode, iteration_s=per_iter, cycles=len(clock.cycles), ttur=ttur,
+                             run_s=time.perf_counter() - started,
+                             main_job_estimate_s=per_iter * resolve(find_command("distill"), [], []).run.steps))
+    base = rows[0]["iteration_s"]
+    for r in rows:
+        r["vs_eager"] = r["iteration_s"] / base
+    return rows
+
+
+def print_main_job(rows: list[dict]) -> None:
+    print("\nThe main job (dmd-dar distill, configs/distill_embedded.yaml), wall time per iteration")
+    head = f"{'run.compile':14} {'s / iteration':>14} {'x eager':>8} {'cycles':>7} {'whole job (est.)':>17} {'run s':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['compile']:14} {r['iteration_s']:14.3f} {r['vs_eager']:8.3f} {r['cycles']:>7} "
+              f"{r['main_job_estimate_s'] / 60:14.1f} min {r['run_s']:7.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +444,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-memory", choices=["retain", "release"], default="retain",
                         help="CPU: keep freed memory in the process as training runs do (retain), or glibc's "
                              "default of handing it back to the OS (release)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="false",
+                        help="also run every row under torch.compile in this mode, and measure the aggregation alone "
+                             "and the main job's iteration time, eager vs compiled")
+    parser.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the fused Triton kernel (routing.kernel=triton) as a path (default: on CUDA when "
+                             "Triton imports)")
+    parser.add_argument("--aggregation", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure the aggregation alone (default: with --compile or --kernel)")
+    parser.add_argument("--main-job-cycles", type=int, default=None,
+                        help="timed TTUR cycles of the main job (default: 10 with --compile, else 0: not run)")
+    parser.add_argument("--main-job-warmup", type=int, default=2, help="untimed (compiling) TTUR cycles first")
+    parser.add_argument("--main-job-overrides", nargs="*", default=[],
+                        help="key=value overrides on top of the main job (to smoke-run this script on a tiny "
+                             "teacher; the figures are the main job's without any)")
     parser.add_argument("--json", default=None, help="write the rows and the environment to this file")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -280,23 +476,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.kernel is None:
+        args.kernel = kernel_unavailable_reason(device) is None and device.type == "cuda"
+    elif args.kernel and kernel_unavailable_reason(device) is not None:
+        parser.error(f"--kernel: {kernel_unavailable_reason(device)}")
+    if args.aggregation is None:
+        args.aggregation = args.compile != "false" or args.kernel
+    if args.main_job_cycles is None:
+        args.main_job_cycles = 10 if args.compile != "false" else 0
+    # One compiled model serves every router (each swap re-specialises it): room for all of them.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     retained = device.type == "cpu" and args.cpu_memory == "retain" and retain_freed_memory()
     if device.type == "cpu":
         print(f"CPU memory policy: {'retain freed memory' if retained else 'glibc default (release)'}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rows = []
+    rows, aggregation, main_job = [], [], []
+    load_before = [round(x, 2) for x in os.getloadavg()]
     for size in sizes:
         start = time.perf_counter()
         rows += bench_size(size, args, device)
+        if args.aggregation:
+            aggregation += bench_aggregation(size, args, device)
         print(f"[{size}: {time.perf_counter() - start:.0f} s]", flush=True)
+    if args.main_job_cycles > 0:
+        start = time.perf_counter()
+        main_job = bench_main_job(args, device)
+        print(f"[main job: {time.perf_counter() - start:.0f} s]", flush=True)
     print_table(rows, args.device, args.dtype)
+    if aggregation:
+        print_aggregation(aggregation)
+    if main_job:
+        print_main_job(main_job)
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    print(f"\nload average {load_before} -> {load_after}, torch threads {torch.get_num_threads()}, "
+          f"cpus {os.cpu_count()}")
     if args.json:
         env = dict(torch=torch.__version__, python=platform.python_version(), device=args.device, dtype=args.dtype,
-                   threads=torch.get_num_threads(), cpu_memory_retained=retained,
+                   threads=torch.get_num_threads(), cpu_memory_retained=retained, compile=args.compile,
+                   load_before=load_before, load_after=load_after,
                    gpu=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor())
-        Path(args.json).write_text(json.dumps(dict(env=env, rows=rows), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(dict(env=env, rows=rows, aggregation=aggregation, main_job=main_job),
+                                              indent=2) + "\n")
     return 0
 
 

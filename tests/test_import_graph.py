@@ -1,8 +1,9 @@
 """The package's import graph: what `lint-imports` (the contracts in pyproject.toml) cannot say.
 
 - no import cycle between any two dmd_dar modules (import-linter checks layers and forbidden imports, not cycles);
-- ``dmd_dar.routing`` imports no third-party package but torch (a forbidden contract can only list packages,
-  so a new dependency would slip past it);
+- ``dmd_dar.routing`` imports no third-party package but torch and triton (the fused kernel's language, which
+  ships with torch's CUDA builds; a forbidden contract can only list packages, so a new dependency would slip
+  past it);
 - an import of the project's own modules inside a function says why it is lazy (``# lazy: <reason>`` on the line
   or the line above): module-level imports keep the graph visible.
 """
@@ -88,12 +89,12 @@ def test_import_cycles_are_found_and_the_package_has_none():
     assert import_cycles(graph, set(graph.modules)) == []
 
 
-def test_routing_imports_torch_and_the_standard_library_only():
+def test_routing_imports_torch_triton_and_the_standard_library_only():
     graph = grimp.build_graph("dmd_dar", include_external_packages=True, cache_dir=None)
     routing = {"dmd_dar.routing"} | graph.find_descendants("dmd_dar.routing")
     imported = set().union(*(graph.find_modules_directly_imported_by(m) for m in routing))
     third_party = {m for m in imported if not m.startswith("dmd_dar")} - set(sys.stdlib_module_names)
-    assert third_party == {"torch"}
+    assert third_party == {"torch", "triton"}
     assert {m for m in imported if m.startswith("dmd_dar")} - routing <= {"dmd_dar.errors"}
 
 

@@ -85,6 +85,19 @@ def test_lean_matches_reference_forward_and_backward(query_tokens, count_scale, 
 
 
 @pytest.mark.parametrize("layout", ["stacked", "per_source"])
+def test_lean_without_grad_matches_reference(layout):
+    """Under no_grad (teacher passes) the lean path runs its maths without the autograd function: same values."""
+    src = _random_sources()
+    q = torch.randn(2, 3, 8, dtype=torch.float64)
+    gain = 1 + 0.1 * torch.randn(8, dtype=torch.float64)
+    h_ref, a_ref = aggregate_reference(src, q, gain, 1e-6, True)
+    with torch.no_grad():
+        h, a = aggregate_lean(src, q, gain, 1e-6, True, layout)
+    torch.testing.assert_close(h, h_ref.detach())
+    torch.testing.assert_close(a, a_ref.detach())
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per_source"])
 def test_lean_gradcheck(layout):
     src = _random_sources(n=3, b=1, t=2, d=4)
     q = torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True)

@@ -30,6 +30,7 @@ from dmd_dar.errors import UserError
 from dmd_dar.metrics.availability import MetricUnavailable
 from dmd_dar.metrics.lpips_metric import LpipsModel
 from dmd_dar.training.checkpoint import Checkpointer
+from dmd_dar.training.compile import compile_forward
 from dmd_dar.training.optim import resumable_changes
 from dmd_dar.training.run import make_accelerator
 from dmd_dar.training.seeding import derive_seed, seed_step
@@ -37,7 +38,7 @@ from dmd_dar.training.sharding import check_distribution, clip_grad_norm
 from dmd_dar.training.strategy import make_strategy
 
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
-                     "run.progress", "run.log_with", "run.resume", "debug_grid_every")
+                     "run.progress", "run.log_with", "run.resume", "run.compile", "debug_grid_every")
 
 
 def build_task(cfg: DistillConfig, device) -> DistillTask:
@@ -175,6 +176,14 @@ def _build_method(cfg: DistillConfig, task: DistillTask, state: TrainingState, r
     return DecoupledDMD(m, student, fake, task.teacher, task.student_times, meanvar_target=target, **common)
 
 
+def compile_networks(mode: str, accelerator, state: TrainingState, task: DistillTask) -> None:
+    """``run.compile``: the forwards of the student, the fake score and the teacher, in place (the prepared
+    wrappers, the state dicts and the EMA are untouched; see ``training.compile``)."""
+    for name, net in (("the student", state.student), ("the fake score", state.fake),
+                      ("the teacher", task.teacher.net)):
+        compile_forward(accelerator.unwrap_model(net), mode, name)
+
+
 def run(cfg: DistillConfig) -> Path:
     """Distil ``cfg.networks.teacher`` into a student; resumes from the run folder's latest checkpoint.
     Returns the export folder."""
@@ -199,6 +208,7 @@ def run(cfg: DistillConfig) -> Path:
         state.load_state_dict(strategy.load(resume_from), source=resume_from)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     state.prepare()
+    compile_networks(cfg.run.compile, accelerator, state, task)
     start = state.step
     reference = _teacher_reference(cfg, task, accelerator, run_dir)
     method = _build_method(cfg, task, state, run_dir, reference)

@@ -57,16 +57,7 @@ class LeanAggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, gain: torch.Tensor, eps: float, count_scale: bool, layout: str,
                 *sources: torch.Tensor):
-        n, dim = len(sources), sources[0].shape[-1]
-        cd = _compute_dtype(sources[0].dtype)
-        v = _in_layout(sources, cd, layout)  # [N, B, T, D] or N x [B, T, D]
-        a = query.to(cd) * gain.to(cd) / math.sqrt(dim)  # [B, 1|T, D]: logit_i = r_i * (a . v_i)
-        inv_rms = _inverse_rms(v, eps)  # [N, B, T]
-        logits = inv_rms * _dots(v, a)  # [N, B, T]
-        alpha = logits.softmax(dim=0)  # [N, B, T]
-        h = _weighted_sum(alpha, v)  # [B, T, D]
-        if count_scale:
-            h = h * n
+        h, alpha, inv_rms, logits = _lean_forward(query, gain, eps, count_scale, layout, sources)
         ctx.save_for_backward(query, gain, alpha, inv_rms, logits, *sources)
         ctx.eps, ctx.count_scale, ctx.layout = eps, count_scale, layout
         ctx.mark_non_differentiable(alpha)
@@ -101,6 +92,22 @@ class LeanAggregate(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_gain = (grad_qg * query.to(cd) * scale).sum((0, 1)).to(gain.dtype)
         return (grad_query, grad_gain, None, None, None, *grad_sources)
+
+
+def _lean_forward(query: torch.Tensor, gain: torch.Tensor, eps: float, count_scale: bool, layout: str,
+                  sources: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """(h [B, T, D] in the compute dtype, alpha, inverse RMS, logits [N, B, T]): the lean forward's maths."""
+    n, dim = len(sources), sources[0].shape[-1]
+    cd = _compute_dtype(sources[0].dtype)
+    v = _in_layout(sources, cd, layout)  # [N, B, T, D] or N x [B, T, D]
+    a = query.to(cd) * gain.to(cd) / math.sqrt(dim)  # [B, 1|T, D]: logit_i = r_i * (a . v_i)
+    inv_rms = _inverse_rms(v, eps)  # [N, B, T]
+    logits = inv_rms * _dots(v, a)  # [N, B, T]
+    alpha = logits.softmax(dim=0)  # [N, B, T]
+    h = _weighted_sum(alpha, v)  # [B, T, D]
+    if count_scale:
+        h = h * n
+    return h, alpha, inv_rms, logits
 
 
 # The layout-specific pieces. ``v`` is a stacked [N, B, T, D] tensor or a list of N [B, T, D] tensors.
@@ -173,4 +180,10 @@ def aggregate_lean(sources: list[torch.Tensor], query: torch.Tensor, gain: torch
         layout = "per_source" if sources[0].device.type == "cpu" else "stacked"
     elif layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; choose one of {LAYOUTS}")
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (query, gain, *sources))):
+        # Nothing to differentiate (teacher and no-grad passes): the same maths without the autograd function,
+        # which saves nothing and which torch.compile traces without a graph break (it cannot inline the
+        # function's forward under no_grad).
+        h, alpha, _, _ = _lean_forward(query, gain, eps, count_scale, layout, tuple(sources))
+        return h.to(sources[0].dtype), alpha
     return LeanAggregate.apply(query, gain, eps, count_scale, layout, *sources)

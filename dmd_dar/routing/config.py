@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from dmd_dar.errors import UserError, config_key
+from dmd_dar.routing.kernel import check_kernel_available
 
 KINDS = ("residual", "dar")
 QUERIES = ("static", "static_t", "dynamic")
@@ -12,6 +13,7 @@ SUMMARIES = ("last", "sum")
 SCALES = ("convex", "count")
 TIME_GAINS = ("fixed", "learned")
 LEAN_LAYOUTS = ("auto", "stacked", "per_source")
+KERNELS = ("auto", "triton", "torch")
 
 
 @dataclass
@@ -32,6 +34,10 @@ class RoutingConfig:
     lean:       use the memory-lean autograd function (recomputes the RMSNorm keys in backward).
     lean_layout: how the lean function walks the sources: "stacked" (batched ops over a transient stack, for
                 accelerators), "per_source" (a loop, no stack: faster on CPU), "auto" (by device). Same results.
+    kernel:     the aggregation's implementation: "triton" (the fused kernel, ``routing/kernel.py``: one pass over
+                the sources, online softmax), "torch" (the lean autograd function, or the reference path with
+                lean=false), "auto" (Triton for CUDA tensors when Triton imports and lean=true, torch elsewhere).
+                Same results within float tolerance.
     """
 
     kind: str = "residual"
@@ -43,6 +49,7 @@ class RoutingConfig:
     norm_eps: float = 1e-6
     lean: bool = True
     lean_layout: str = "auto"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,12 +62,15 @@ class RoutingConfig:
             ("scale", self.scale, SCALES),
             ("time_gain", self.time_gain, TIME_GAINS),
             ("lean_layout", self.lean_layout, LEAN_LAYOUTS),
+            ("kernel", self.kernel, KERNELS),
         ):
             if value not in allowed:
                 raise UserError(f"{config_key('routing', name)}={value!r} is not valid; choose one of "
                                 f"{', '.join(allowed)}")
         if int(self.chunk_size) < 1:
             raise UserError(f"{config_key('routing', 'chunk_size')}={self.chunk_size} must be >= 1 (1 = dense DAR)")
+        if self.kernel == "triton" and self.is_dar:
+            check_kernel_available()
 
     @property
     def is_dar(self) -> bool:

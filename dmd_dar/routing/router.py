@@ -22,6 +22,7 @@ from torch import nn
 
 from dmd_dar.routing.aggregate import aggregate_lean, aggregate_reference
 from dmd_dar.routing.config import RoutingConfig
+from dmd_dar.routing.kernel import aggregate_fused, check_kernel_available, kernel_unavailable_reason
 from dmd_dar.routing.sources import SourceHistory
 
 
@@ -90,10 +91,21 @@ class DepthAggregator(nn.Module):
                 t_emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         query = self.make_query(previous, t_emb)
         count_scale = self.cfg.scale == "count"
+        if self._use_kernel(sources[0].device):
+            return aggregate_fused(sources, query, self.norm_gain, self.cfg.norm_eps, count_scale)
         if not self.cfg.lean:
             return aggregate_reference(sources, query, self.norm_gain, self.cfg.norm_eps, count_scale)
         layout = None if self.cfg.lean_layout == "auto" else self.cfg.lean_layout
         return aggregate_lean(sources, query, self.norm_gain, self.cfg.norm_eps, count_scale, layout)
+
+    def _use_kernel(self, device: torch.device) -> bool:
+        """routing.kernel: "triton" always (a ``UserError`` naming the fix where it cannot run, e.g. run.cpu=true
+        on a CUDA machine), "auto" for CUDA tensors of the lean path when Triton imports, "torch" never."""
+        if self.cfg.kernel == "triton":
+            check_kernel_available(device)
+            return True
+        return self.cfg.kernel == "auto" and self.cfg.lean and device.type == "cuda" \
+            and kernel_unavailable_reason(device) is None
 
 
 class DARRouter(nn.Module):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmd_dar.errors import UserError
+from dmd_dar.training.compile import check_compile_mode
 from dmd_dar.utils.cpu_memory import retain_freed_memory
 
 log = logging.getLogger("dmd_dar")
@@ -35,6 +36,7 @@ class RunConfig:
     log_with: str = "tensorboard"  # tensorboard | wandb | none
     progress: bool = True
     num_workers: int = 0  # data-rendering worker processes (0 = in the training process; use 4+ on GPU machines)
+    compile: str = "false"  # false | default | max-autotune: torch.compile the networks' forwards (training.compile)
 
     def __post_init__(self) -> None:
         if self.mixed_precision in ("False", "false"):
@@ -43,6 +45,7 @@ class RunConfig:
             self.mixed_precision = "no"
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"run.mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
+        self.compile = check_compile_mode(self.compile)
         if self.log_with not in TRACKERS:
             raise UserError(f"run.log_with={self.log_with!r}; choose one of {', '.join(TRACKERS)}")
         for key in ("steps", "batch_size", "grad_accum", "log_every"):

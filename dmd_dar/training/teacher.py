@@ -30,6 +30,7 @@ from dmd_dar.errors import UserError
 from dmd_dar.models import ModelConfig, build_model, param_groups
 from dmd_dar.training.batches import DataConfig, make_dataset, step_batches
 from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint
+from dmd_dar.training.compile import compile_forward
 from dmd_dar.training.ema import EMA
 from dmd_dar.training.optim import OptimConfig, build_optimizer, lr_schedule, resumable_changes
 from dmd_dar.training.run import RunConfig, make_accelerator
@@ -38,7 +39,7 @@ from dmd_dar.training.sharding import check_distribution
 
 # Keys that may change between a run and its resume (how long / how often, not what is trained).
 RESUMABLE_CHANGES = ("run.steps", "run.log_every", "run.sample_every", "run.ckpt_every", "run.keep_checkpoints",
-                     "run.progress", "run.log_with", "run.resume", "run.num_workers")
+                     "run.progress", "run.log_with", "run.resume", "run.num_workers", "run.compile")
 
 
 @dataclass
@@ -94,6 +95,7 @@ def run(cfg: TeacherConfig) -> Path:
         start = state["step"]
         accelerator.print(f"resumed from {resume_from} at step {start}")
     model, optimizer = accelerator.prepare(model, optimizer)
+    compile_forward(accelerator.unwrap_model(model), cfg.run.compile, "the teacher")  # in place: same state dict
     ema.model.to(accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers("train-teacher")
