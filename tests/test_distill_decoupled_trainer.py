@@ -57,7 +57,8 @@ def test_meanvar_builds_and_trains_no_fake_score(tiny_teacher, tmp_path, monkeyp
     task = build_task(cfg, "cpu")
     built = []
     build = type(task).build_network
-    monkeypatch.setattr(type(task), "build_network", lambda self, *a: built.append(a) or build(self, *a))
+    monkeypatch.setattr(type(task), "build_network",
+                        lambda self, *a, **kw: built.append(a) or build(self, *a, **kw))
     state = TrainingState.build(cfg, task, make_strategy(make_accelerator(cfg.run, "distill")))
     assert len(built) == 1 and state.fake is None and state.f_opt is None and not state.critic_networks
     assert main(["distill", *_overrides(tiny_teacher, tmp_path / "run", 2, *OPTIONS["meanvar"])]) == 0

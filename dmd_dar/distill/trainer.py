@@ -181,7 +181,8 @@ def compile_networks(mode: str, accelerator, state: TrainingState, task: Distill
     wrappers, the state dicts and the EMA are untouched; see ``training.compile``)."""
     for name, net in (("the student", state.student), ("the fake score", state.fake),
                       ("the teacher", task.teacher.net)):
-        compile_forward(accelerator.unwrap_model(net), mode, name)
+        if net is not None:  # no fake score for Decoupled DMD with method.regularizer=meanvar | gan
+            compile_forward(accelerator.unwrap_model(net), mode, name)
 
 
 def run(cfg: DistillConfig) -> Path:
