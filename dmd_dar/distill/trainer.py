@@ -135,6 +135,43 @@ def _phase_update(accelerator, phase: str, log_prefix: str, models: list, optimi
     return stepped, logs
 
 
+def _generator_phase(accelerator, cfg: DistillConfig, task: DistillTask, state: TrainingState, method: DMD2,
+                     micro: list[MicroBatch], step: int, do_log: bool, reference: dict[str, torch.Tensor] | None,
+                     drift_check: VarianceDriftCheck, run_dir: Path) -> dict[str, float]:
+    """Iteration ``step``'s generator update (the method's ``generator_step``), then the EMA, the output drift
+    against the teacher samples and the debug grid. Returns its logs."""
+    state.student.train()
+    stepped, logs = _phase_update(accelerator, "generator", "gen", [state.student], state.g_opt, state.g_sched,
+                                  list(state.student.parameters()), cfg.generator_optim.grad_clip, state.guard,
+                                  functools.partial(method.generator_step, with_diagnostics=do_log), micro)
+    if stepped:
+        state.update_ema()
+    main_process = accelerator.is_main_process
+    if reference is not None and main_process:
+        samples = torch.cat([mb.sample for mb in micro])
+        logs.update(drift_check(output_drift(samples, reference["mean"], reference["std"],
+                                             reference.get("image_var")), accelerator.print))
+    if cfg.debug_grid_every and main_process and step % cfg.debug_grid_every == 0:
+        _debug_grid(task, micro[0].debug, run_dir / "debug" / f"step_{step:07d}.png")
+    return logs
+
+
+def _critic_phase(accelerator, cfg: DistillConfig, state: TrainingState, method: DMD2, micro: list[MicroBatch],
+                  critic_params: list) -> dict[str, float]:
+    """The critic's update (the method's ``critic_step``: fake score [and GAN head]), then the fake score's
+    tracking of the student. Nothing for a run without a critic (Decoupled DMD with the meanvar regulariser)."""
+    if not state.critic_networks:
+        return {}
+    for net in state.critic_networks:
+        net.train()
+    stepped, logs = _phase_update(accelerator, "critic", "critic", state.critic_networks, state.f_opt,
+                                  state.f_sched, critic_params, cfg.fake_optim.grad_clip, state.guard,
+                                  method.critic_step, micro)
+    if stepped:
+        state.track_student()
+    return logs
+
+
 def _meanvar_target(cfg: DistillConfig, reference: dict[str, torch.Tensor] | None):
     """``method.meanvar_target`` (one value for every channel), or the teacher samples' per-image, per-channel
     statistics; None: neither (``DecoupledDMD`` then names the keys that provide them)."""
@@ -228,29 +265,9 @@ def run(cfg: DistillConfig) -> Path:
         logs: dict[str, float] = {}
         do_log = (step + 1) % cfg.run.log_every == 0
         if step % cfg.method.ttur == 0:
-            state.student.train()
-            stepped, g_logs = _phase_update(
-                accelerator, "generator", "gen", [state.student], state.g_opt, state.g_sched,
-                list(state.student.parameters()), cfg.generator_optim.grad_clip, state.guard,
-                functools.partial(method.generator_step, with_diagnostics=do_log), micro)
-            logs.update(g_logs)
-            if stepped:
-                state.update_ema()
-            if reference is not None and main_process:
-                samples = torch.cat([mb.sample for mb in micro])
-                logs.update(drift_check(output_drift(samples, reference["mean"], reference["std"],
-                                                     reference.get("image_var")), accelerator.print))
-            if cfg.debug_grid_every and main_process and step % cfg.debug_grid_every == 0:
-                _debug_grid(task, micro[0].debug, run_dir / "debug" / f"step_{step:07d}.png")
-        if state.critic_networks:  # none for Decoupled DMD with the meanvar regulariser alone
-            for net in state.critic_networks:
-                net.train()
-            critic_stepped, critic_logs = _phase_update(
-                accelerator, "critic", "critic", state.critic_networks, state.f_opt, state.f_sched, critic_params,
-                cfg.fake_optim.grad_clip, state.guard, method.critic_step, micro)
-            logs.update(critic_logs)
-            if critic_stepped:
-                state.track_student()
+            logs.update(_generator_phase(accelerator, cfg, task, state, method, micro, step, do_log, reference,
+                                         drift_check, run_dir))
+        logs.update(_critic_phase(accelerator, cfg, state, method, micro, critic_params))
         last_logs.update(logs)
         state.step = done = step + 1
         if do_log:
