@@ -220,6 +220,11 @@ class Evaluator:
                                       "images")
         return None
 
+    def _lpips_model(self, metric: str, s: ImageSet):
+        """The LPIPS-family model ``metric`` runs on set ``s``, or why it cannot: images too small for its trunk,
+        or its weights missing (recorded in the availability map)."""
+        return self._lpips_too_small(metric, s) or self._try(metric, self.backbones.lpips)
+
     @staticmethod
     def _perceptual_model(model) -> PerceptualModel:
         """Which perceptual model produced a value (ST-LPIPS values are not comparable with LPIPS values)."""
@@ -227,10 +232,7 @@ class Evaluator:
                                comparable_with_lpips=model.label == "LPIPS")
 
     def _diversity(self, s: ImageSet) -> Diversity | Unavailable:
-        small = self._lpips_too_small("lpips_diversity", s)
-        if small:
-            return small
-        model = self._try("lpips_diversity", self.backbones.lpips)
+        model = self._lpips_model("lpips_diversity", s)
         if isinstance(model, Unavailable):
             return model
         groups = {g: idx[: self.cfg.diversity_max_per_group] for g, idx in s.group_indices().items() if len(idx) > 1}
@@ -318,10 +320,7 @@ class Evaluator:
                          pairing: Paired | Unavailable, tag: str) -> Fidelity | Unavailable:
         if isinstance(pairing, Unavailable):
             return Unavailable(metric="lpips_fidelity", needs=pairing.needs, reason=pairing.reason)
-        small = self._lpips_too_small("lpips_fidelity", a)
-        if small:
-            return small
-        model = self._try("lpips_fidelity", self.backbones.lpips)
+        model = self._lpips_model("lpips_fidelity", a)
         if isinstance(model, Unavailable):
             return model
         bs = self.cfg.batch_size
