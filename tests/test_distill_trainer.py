@@ -11,7 +11,8 @@ from dmd_dar.artifact import ArtifactMeta, DiffusionConfig, save_artifact
 from dmd_dar.cli import main
 from dmd_dar.config import build_config
 from dmd_dar.distill.config import DistillConfig
-from dmd_dar.distill.method import DMD2, MicroBatch
+from dmd_dar.distill.denoiser import Denoiser
+from dmd_dar.distill.method import DMD2, MicroBatch, RegressionPairs
 from dmd_dar.distill.trainer import build_task
 from dmd_dar.models import build_model, preset_config
 from dmd_dar.routing import RoutingConfig, routing_parameters
@@ -243,6 +244,48 @@ def test_regression_pairs_are_cached_and_shared(tiny_teacher, tmp_path):
     assert "gen/regression_loss" in _read_logs(tmp_path / "b")[1]
 
 
+
+
+def test_warm_start_trains_the_student_on_the_pairs_alone(tiny_teacher, tmp_path):
+    """``method.warm_start_steps=2``: iterations 0 and 1 update the generator on the regression loss alone (also
+    iteration 1, which TTUR 2 would skip) and leave the fake score untouched; DMD and the critic start at 2."""
+    out = tmp_path / "run"
+    extra = ("method.warm_start_steps=2", "method.regression_pairs=8", "method.regression_steps=2")
+    assert main(["distill", *_overrides(tiny_teacher, out, 3, *extra)]) == 0
+    logs = _read_logs(out)
+    for step in (1, 2):
+        assert "gen/regression_loss" in logs[step] and "gen/dm_loss" not in logs[step], step
+        assert "critic/fake_loss" not in logs[step], step
+    assert "gen/dm_loss" in logs[3] and "critic/fake_loss" in logs[3]
+    warm = Path("checkpoints") / "step_0000002"
+    state = json.loads((out / warm / "state.json").read_text())
+    assert state["ema_updates"] == 2  # a generator update at each warm-start iteration
+    fake = load_safetensors(out / warm / "fake_score.safetensors")
+    teacher = load_safetensors(tiny_teacher / "model.safetensors")
+    assert fake and all(torch.equal(fake[k], teacher[k]) for k in fake), "the warm start must not train the critic"
+    student = load_safetensors(out / warm / "generator.safetensors")
+    assert any(not torch.equal(student[k], teacher[k]) for k in student if k in teacher)
+
+
+def test_warm_start_loss_is_the_mse_to_the_teacher_pairs(tiny_teacher):
+    """The warm-start loss is mean((G(z_i) - x_i)^2) over pairs drawn from the cache, G the one-step student."""
+    cfg = build_config(DistillConfig, [], _overrides(tiny_teacher, Path("unused"), 1, "method.warm_start_steps=1"))
+    task = build_task(cfg, "cpu")
+    student = task.build_network(cfg.networks.student_routing, False)
+    path, null = task.teacher.path, task.teacher.null_cond
+    pairs = RegressionPairs(torch.randn(5, 3, 16, 16), torch.arange(5) % 8, torch.randn(5, 3, 16, 16))
+    method = DMD2(cfg.method, Denoiser(student, path, null), None, task.teacher, task.student_times,
+                  regression=pairs)
+    micro = MicroBatch(task.draw(4, torch.Generator().manual_seed(0), "cpu", need_real=False),
+                       torch.Generator().manual_seed(3), torch.Generator().manual_seed(1))
+    loss, logs = method.warm_start_step(micro)
+    idx = torch.randint(5, (4,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        t0 = torch.full((4,), task.student_times[0])
+        x = Denoiser(student, path, null).x0(pairs.noise[idx], t0, pairs.cond[idx])
+    torch.testing.assert_close(loss.detach(), ((x - pairs.target[idx]) ** 2).mean())
+    torch.testing.assert_close(micro.sample, x)
+    assert logs["gen/regression_loss"] == pytest.approx(loss.item())
 
 
 @pytest.mark.parametrize("method, student_times, needs_real", [

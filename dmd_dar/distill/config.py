@@ -49,6 +49,8 @@ class MethodConfig:
     regression_steps: int = 25  # teacher ODE steps for the pairs
     regression_cache: str | None = None  # folder for the cached pairs (default: the run directory); runs that share
     #                                      a teacher may share it
+    warm_start_steps: int = 0  # the first N iterations: a generator update on the regression loss alone at every
+    #                            iteration, no critic (DMD1 / DMD2-SDXL's regression warm start on the cached pairs)
     # Decoupled DMD (Liu et al. 2025, arXiv 2511.22677): DMD2's update split into CA and DM, each on its own x_t
     objective: str = "dmd2"  # dmd2 (one coupled update) | decoupled (CA + regulariser terms; method.DecoupledDMD)
     ca_weight: float = 1.0  # decoupled: weight of CA, -(w - 1)(x0_c - x0_u); 0 = pure distribution matching
@@ -84,6 +86,8 @@ class MethodConfig:
         for key in ("student_steps", "regression_pairs", "regression_steps"):
             if getattr(self, key) < 1:
                 raise UserError(f"method.{key}={getattr(self, key)} must be >= 1")
+        if self.warm_start_steps < 0:
+            raise UserError(f"method.warm_start_steps={self.warm_start_steps} must be >= 0 (0: no warm start)")
         if self.regression_loss not in REGRESSION_KINDS:
             raise UserError(f"method.regression_loss={self.regression_loss!r}; choose one of mse, lpips")
         if self.gan_feature not in GAN_FEATURES:
@@ -116,6 +120,11 @@ class MethodConfig:
         if not 0.0 < self.schedule_t_min < self.schedule_t_max < 1.0:
             raise UserError(f"method.schedule_t_min={self.schedule_t_min}, method.schedule_t_max="
                             f"{self.schedule_t_max}: need 0 < schedule_t_min < schedule_t_max < 1")
+
+    @property
+    def needs_regression_pairs(self) -> bool:
+        """Whether cached teacher ODE pairs are needed: for the regression term or the warm start on them."""
+        return self.regression_weight > 0 or self.warm_start_steps > 0
 
     @property
     def needs_fake_score(self) -> bool:

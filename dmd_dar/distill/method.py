@@ -128,8 +128,9 @@ class DMD2:
                  regression: RegressionPairs | None = None, lpips_fn=None) -> None:
         if cfg.gan_weight > 0 and gan_head is None:
             raise ValueError("method.gan_weight > 0 needs a GAN head")
-        if cfg.regression_weight > 0 and regression is None:
-            raise ValueError("method.regression_weight > 0 needs cached regression pairs")
+        if cfg.needs_regression_pairs and regression is None:
+            raise ValueError("method.regression_weight > 0 or method.warm_start_steps > 0 needs cached regression "
+                             "pairs")
         self.cfg, self.generator, self.fake, self.teacher = cfg, generator, fake, teacher
         self.path = teacher.path
         self.student_times = list(student_times)
@@ -288,13 +289,30 @@ class DMD2:
             (cfg.gan_weight * loss_gan).backward()
         return loss_gan.detach(), x_leaf.grad.detach(), logits.detach()
 
+    def warm_start_step(self, micro: MicroBatch, with_diagnostics: bool = False
+                        ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generator phase of a warm-start iteration (``method.warm_start_steps``): the regression loss alone,
+        on as many cached pairs as the micro-batch has samples. Leaves the student's samples in ``micro.sample``
+        (the drift check reads them); no critic step follows."""
+        n = micro.batch.noise.shape[0]
+        loss, x = self._regression(micro.gen, micro.batch.noise.device, micro.batch.noise.dtype, n)
+        micro.sample = x.detach()
+        return loss, {"gen/regression_loss": loss.item(), "gen/loss": loss.item(),
+                      "gen/x_mean": micro.sample.float().mean().item(), "gen/x_std": micro.sample.float().std().item()}
+
     def _regression_loss(self, gen: torch.Generator, device, dtype) -> torch.Tensor:
+        return self._regression(gen, device, dtype, 16)[0]
+
+    def _regression(self, gen: torch.Generator, device, dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(regression loss, student samples) on ``n`` pairs drawn with replacement from the cached ones (at most
+        as many as are cached): the one-step student from each pair's noise against the teacher's ODE sample."""
         pairs = self.regression
-        idx = torch.randint(pairs.noise.shape[0], (min(pairs.noise.shape[0], 16),), generator=gen)
+        idx = torch.randint(pairs.noise.shape[0], (min(pairs.noise.shape[0], n),), generator=gen)
         z = pairs.noise[idx].to(device, dtype)
         t0 = torch.full((z.shape[0],), self.student_times[0], device=device)
         x = self.generate(z, t0, pairs.cond[idx].to(device))
-        return regression_loss(x, pairs.target[idx].to(device), self.cfg.regression_loss, self.lpips_fn)
+        loss = regression_loss(x, pairs.target[idx].to(device), self.cfg.regression_loss, self.lpips_fn)
+        return loss, x
 
     # -- the critic --------------------------------------------------------------------------------------------
     def critic_step(self, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,7 +1,8 @@
 """``dmd-dar distill``: the DMD2 training loop (plumbing only; the maths is in ``method.py`` and ``losses.py``).
 
 Each iteration: a generator update every ``method.ttur``-th iteration, a fake-score (critic) update every
-iteration; each update accumulates ``run.grad_accum`` micro-batches of ``run.batch_size`` (``accumulated_update``).
+iteration; in the first ``method.warm_start_steps`` iterations, a regression-only generator update and no critic.
+Each update accumulates ``run.grad_accum`` micro-batches of ``run.batch_size`` (``accumulated_update``).
 Everything random in iteration s derives from (seed, s, micro-batch, rank), so resume is exact. What a
 checkpoint holds is ``state.TrainingState``; what differs between DDP and FSDP, ``training.strategy``.
 """
@@ -52,7 +53,7 @@ def build_task(cfg: DistillConfig, device) -> DistillTask:
 
 
 def _lpips_fn(cfg: DistillConfig):
-    if cfg.method.regression_weight <= 0 or cfg.method.regression_loss != "lpips":
+    if not cfg.method.needs_regression_pairs or cfg.method.regression_loss != "lpips":
         return None
     try:
         net = LpipsModel()
@@ -137,13 +138,14 @@ def _phase_update(accelerator, phase: str, log_prefix: str, models: list, optimi
 
 def _generator_phase(accelerator, cfg: DistillConfig, task: DistillTask, state: TrainingState, method: DMD2,
                      micro: list[MicroBatch], step: int, do_log: bool, reference: dict[str, torch.Tensor] | None,
-                     drift_check: VarianceDriftCheck, run_dir: Path) -> dict[str, float]:
-    """Iteration ``step``'s generator update (the method's ``generator_step``), then the EMA, the output drift
-    against the teacher samples and the debug grid. Returns its logs."""
+                     drift_check: VarianceDriftCheck, run_dir: Path, warm_start: bool = False) -> dict[str, float]:
+    """Iteration ``step``'s generator update (the method's ``generator_step``, or ``warm_start_step`` in the
+    warm start), then the EMA, the output drift against the teacher samples and the debug grid. Returns its logs."""
     state.student.train()
+    step_fn = method.warm_start_step if warm_start else method.generator_step
     stepped, logs = _phase_update(accelerator, "generator", "gen", [state.student], state.g_opt, state.g_sched,
                                   list(state.student.parameters()), cfg.generator_optim.grad_clip, state.guard,
-                                  functools.partial(method.generator_step, with_diagnostics=do_log), micro)
+                                  functools.partial(step_fn, with_diagnostics=do_log), micro)
     if stepped:
         state.update_ema()
     main_process = accelerator.is_main_process
@@ -151,7 +153,7 @@ def _generator_phase(accelerator, cfg: DistillConfig, task: DistillTask, state: 
         samples = torch.cat([mb.sample for mb in micro])
         logs.update(drift_check(output_drift(samples, reference["mean"], reference["std"],
                                              reference.get("image_var")), accelerator.print))
-    if cfg.debug_grid_every and main_process and step % cfg.debug_grid_every == 0:
+    if cfg.debug_grid_every and main_process and step % cfg.debug_grid_every == 0 and micro[0].debug:
         _debug_grid(task, micro[0].debug, run_dir / "debug" / f"step_{step:07d}.png")
     return logs
 
@@ -201,7 +203,7 @@ def _build_method(cfg: DistillConfig, task: DistillTask, state: TrainingState, r
     path, null = task.teacher.path, task.teacher.null_cond
     m = cfg.method
     regression = None
-    if m.regression_weight > 0:
+    if m.needs_regression_pairs:
         regression = task.regression_pairs(Path(m.regression_cache or run_dir), m.regression_pairs,
                                            m.regression_steps)
     fake = Denoiser(state.fake, path, null) if state.fake is not None else None
@@ -264,10 +266,13 @@ def run(cfg: DistillConfig) -> Path:
         micro = _micro_batches(cfg, task, step, accelerator, method.needs_real)
         logs: dict[str, float] = {}
         do_log = (step + 1) % cfg.run.log_every == 0
-        if step % cfg.method.ttur == 0:
+        # The warm start: a regression update at every iteration and no critic; then DMD with TTUR.
+        warm_start = step < cfg.method.warm_start_steps
+        if warm_start or step % cfg.method.ttur == 0:
             logs.update(_generator_phase(accelerator, cfg, task, state, method, micro, step, do_log, reference,
-                                         drift_check, run_dir))
-        logs.update(_critic_phase(accelerator, cfg, state, method, micro, critic_params))
+                                         drift_check, run_dir, warm_start))
+        if not warm_start:
+            logs.update(_critic_phase(accelerator, cfg, state, method, micro, critic_params))
         last_logs.update(logs)
         state.step = done = step + 1
         if do_log:

@@ -200,9 +200,10 @@ class DiffusersT2ITask(DistillTask):
         if m.gan_weight > 0:
             raise UserError("method.gan_weight > 0: the GAN head needs real images, which text-to-image DMD2 "
                             "here does not load (prompt-only distillation); set method.gan_weight=0")
-        if m.regression_weight > 0:
-            raise UserError("method.regression_weight > 0 is not available for diffusers teachers (no cached "
-                            "teacher ODE pairs); set method.regression_weight=0")
+        if m.needs_regression_pairs:
+            key = "regression_weight" if m.regression_weight > 0 else "warm_start_steps"
+            raise UserError(f"method.{key} > 0 is not available for diffusers teachers (no cached teacher ODE "
+                            f"pairs); set method.{key}=0")
         if m.student_steps > 1 and not m.backward_simulation:
             raise UserError("method.backward_simulation=false needs real images; diffusers teachers train "
                             "few-step students with backward simulation (set method.backward_simulation=true)")
