@@ -12,7 +12,8 @@ fake score):
     DAR adds the routed history: sublayers * tokens * hidden values per sample.
 
 On a shared base (``t2i.shared_base``) the student and the fake score hold only their LoRA matrices and routers
-(the base is counted once, as the teacher); with three copies each holds a full copy of the base. The activation
+(the base is counted once, as the teacher; under FSDP it is sharded with them); with three copies each holds a
+full copy of the base (under FSDP the two trained copies are sharded, the teacher's is not). The activation
 term is an order of magnitude, not a bound; the parameter terms are exact. :func:`disk_estimate` gives the sizes
 of a training checkpoint and of the exported adapter from the same counts.
 """
@@ -46,17 +47,19 @@ def count(module, frozen_bytes: int, train_bytes: int, frozen_only: bool = False
 
 def estimate(teacher: NetCount, student: NetCount, fake: NetCount, *, tokens: int, hidden: int, layers: int,
              batch: int, act_bytes: int, checkpointing: bool, ema: bool = True, offload_teacher: bool = False,
-             dar_sublayers: int = 0, world_size: int = 1, sharded: bool = False) -> dict[str, float]:
+             dar_sublayers: int = 0, world_size: int = 1, sharded: bool = False,
+             shared_base: bool = False) -> dict[str, float]:
     """GiB per process, by component (module docstring). ``sharded``: FSDP divides weights, grads and optimizer
     states of student and fake, and the EMA (``ShardedEMA``: each process averages its own pieces), by
-    ``world_size`` (the teacher is not prepared, so not sharded). The EMA copies the whole student: on a shared
-    base its trainable tensors only, with copies the frozen base too."""
+    ``world_size``; the teacher too when it is the ``shared_base`` (sharded once with the adapters), not when it
+    is a copy of its own (not prepared). The EMA copies the whole student: on a shared base its trainable tensors
+    only, with copies the frozen base too."""
     def weights(n: NetCount) -> int:
         return (n.total - n.trainable) * n.frozen_bytes + n.trainable * n.train_bytes
 
     shard = world_size if sharded else 1
     out = {
-        "teacher": 0.0 if offload_teacher else weights(teacher) / GiB,
+        "teacher": 0.0 if offload_teacher else weights(teacher) / (shard if shared_base else 1) / GiB,
         "student": weights(student) / shard / GiB,
         "fake_score": weights(fake) / shard / GiB,
         "gradients": (student.trainable * student.train_bytes + fake.trainable * fake.train_bytes) / shard / GiB,
@@ -88,7 +91,8 @@ def estimate_for(teacher: nn.Module, student: nn.Module, fake: nn.Module, *, sto
                  ) -> dict[str, float]:
     """:func:`estimate` of a T2I run from its modules: the teacher's transformer (its frozen weights only), the
     student and fake-score ``T2INet``s (their DAR wrappers say how many sublayers they route), ``tokens`` image +
-    text tokens per sample."""
+    text tokens per sample. Networks on one shared base (``shared_owner``, ``dmd_dar.t2i.task.AdapterNet``) count
+    the base once, as the teacher, sharded under ``sharded``."""
     fb, tb = _bytes(storage_dtype), _bytes(train_dtype)
     act_bytes = 2 if mixed_precision in ("bf16", "fp16") else tb
     config = teacher.config
@@ -100,7 +104,8 @@ def estimate_for(teacher: nn.Module, student: nn.Module, fake: nn.Module, *, sto
     return estimate(count(teacher, fb, fb, frozen_only=True), count(student, fb, tb), count(fake, fb, tb),
                     tokens=tokens, hidden=hidden, layers=max(layers, 1), batch=batch, act_bytes=act_bytes,
                     checkpointing=checkpointing, ema=ema, offload_teacher=offload_teacher, dar_sublayers=sublayers,
-                    world_size=world_size, sharded=sharded)
+                    world_size=world_size, sharded=sharded,
+                    shared_base=getattr(student, "shared_owner", None) is not None)
 
 
 def disk_estimate(student: nn.Module, fake: nn.Module, *, storage_dtype: torch.dtype, train_dtype: torch.dtype,

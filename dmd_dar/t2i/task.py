@@ -498,7 +498,8 @@ class DiffusersT2ITask(DistillTask):
                              self.max_sequence_length, batch=cfg.run.batch_size, checkpointing=checkpointing,
                              ema=cfg.ema_decay > 0, offload_teacher=self.tc.offload_teacher, world_size=world,
                              sharded=sharded)
-        base = "shared base" if self.base is not None else ("3 copies" if self.tc.lora_rank else "full fine-tuning")
+        base = ("shared base, sharded once" if sharded else "shared base") if self.base is not None else \
+            ("3 copies" if self.tc.lora_rank else "full fine-tuning")
         _print(M.format_estimate(est, f"memory estimate per process ({self.class_name}, "
                                       f"{self.tc.height}x{self.tc.width}, batch {cfg.run.batch_size}, "
                                       f"LoRA rank {self.tc.lora_rank or 'off'} ({base}), checkpointing "
