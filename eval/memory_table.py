@@ -9,8 +9,10 @@ meta device (no weights, no download), with the networks built by the trainer's 
 
 Rows: 1024^2, batch 1, LoRA rank 64, gradient checkpointing on / off, DAR student on (the recipe's routing) / off
 (residual twin); columns: one process on one GPU (one frozen base shared by teacher, student and fake score) and
-FSDP over 8 processes (the same shared base, sharded once over the 8 with both adapters), plus the training checkpoint and the exported adapter on disk. SD3.5-large uses SD3.5-medium's
-recipe (configs/t2i/sd35_medium.yaml); PixArt-Sigma's recipe fine-tunes fully and is overridden to LoRA 64 here.
+FSDP over 8 processes (the same shared base, sharded once over the 8 with both adapters; stored in the training
+dtype, as FSDP's one-dtype units need, with the gradient buffers and gathered units FSDP adds: see
+``dmd_dar.t2i.memory``), plus the training checkpoint and the exported adapter on disk. SD3.5-large uses
+SD3.5-medium's recipe (configs/t2i/sd35_medium.yaml); PixArt-Sigma's recipe fine-tunes fully and is overridden to LoRA 64 here.
 """
 
 from __future__ import annotations
@@ -113,7 +115,10 @@ def rows(names: list[str], detail: bool = False) -> list[dict]:
                               mixed_precision=cfg.run.mixed_precision, tokens=tokens, batch=cfg.run.batch_size,
                               checkpointing=checkpointing, ema=cfg.ema_decay > 0)
                 one = M.estimate_for(*built, **common)
-                fsdp = M.estimate_for(*built, **common, world_size=8, sharded=True)
+                # FSDP flattens frozen base and trained LoRA into one buffer per unit, of one dtype: the launch
+                # stores the base in the training dtype (configs/accelerate/fsdp_8gpu.yaml: t2i.dtype=float32)
+                fsdp = M.estimate_for(*built, **{**common, "storage_dtype": common["train_dtype"]}, world_size=8,
+                                      sharded=True)
                 disk = M.disk_estimate(*built[1:], storage_dtype=common["storage_dtype"],
                                        train_dtype=common["train_dtype"], ema=common["ema"])
                 row = {"model": name, "dar_student": dar, "checkpointing": checkpointing,
