@@ -9,9 +9,10 @@ meta device (no weights, no download), with the networks built by the trainer's 
 
 Rows: 1024^2, batch 1, LoRA rank 64, gradient checkpointing on / off, DAR student on (the recipe's routing) / off
 (residual twin); columns: one process on one GPU (one frozen base shared by teacher, student and fake score) and
-FSDP over 8 processes (LoRA under FSDP keeps three copies of the base, student and fake score sharded, the
-teacher not), plus the training checkpoint and the exported adapter on disk. SD3.5-large uses SD3.5-medium's
-recipe (configs/t2i/sd35_medium.yaml); PixArt-Sigma's recipe fine-tunes fully and is overridden to LoRA 64 here.
+FSDP over 8 processes (the same shared base, sharded once over the 8 with both adapters; stored in the training
+dtype, as FSDP's one-dtype units need, with the gradient buffers and gathered units FSDP adds: see
+``dmd_dar.t2i.memory``), plus the training checkpoint and the exported adapter on disk. SD3.5-large uses
+SD3.5-medium's recipe (configs/t2i/sd35_medium.yaml); PixArt-Sigma's recipe fine-tunes fully and is overridden to LoRA 64 here.
 """
 
 from __future__ import annotations
@@ -107,18 +108,21 @@ def rows(names: list[str], detail: bool = False) -> list[dict]:
             cfg = base_cfg
             if not dar:
                 cfg = replace(cfg, networks=replace(cfg.networks, student_routing=RoutingConfig(kind="residual")))
-            built = {shared: networks(class_name, config, cfg, shared) for shared in (True, False)}
+            built = networks(class_name, config, cfg, True)
             for checkpointing in (True, False):
                 common = dict(storage_dtype=getattr(torch, cfg.t2i.dtype),
                               train_dtype=getattr(torch, cfg.t2i.train_dtype),
                               mixed_precision=cfg.run.mixed_precision, tokens=tokens, batch=cfg.run.batch_size,
                               checkpointing=checkpointing, ema=cfg.ema_decay > 0)
-                one = M.estimate_for(*built[True], **common)
-                fsdp = M.estimate_for(*built[False], **common, world_size=8, sharded=True)
-                disk = M.disk_estimate(*built[True][1:], storage_dtype=common["storage_dtype"],
+                one = M.estimate_for(*built, **common)
+                # FSDP flattens frozen base and trained LoRA into one buffer per unit, of one dtype: the launch
+                # stores the base in the training dtype (configs/accelerate/fsdp_8gpu.yaml: t2i.dtype=float32)
+                fsdp = M.estimate_for(*built, **{**common, "storage_dtype": common["train_dtype"]}, world_size=8,
+                                      sharded=True)
+                disk = M.disk_estimate(*built[1:], storage_dtype=common["storage_dtype"],
                                        train_dtype=common["train_dtype"], ema=common["ema"])
                 row = {"model": name, "dar_student": dar, "checkpointing": checkpointing,
-                       "params_B": sum(p.numel() for p in built[True][0].parameters() if not p.requires_grad) / 1e9,
+                       "params_B": sum(p.numel() for p in built[0].parameters() if not p.requires_grad) / 1e9,
                        "one_gpu_GiB": one["total"], "fsdp8_GiB": fsdp["total"],
                        "checkpoint_GB": disk["checkpoint"], "adapter_GB": disk["exported adapter"],
                        "one_gpu": one, "fsdp8": fsdp}
@@ -130,7 +134,7 @@ def rows(names: list[str], detail: bool = False) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| model | base params | DAR student | checkpointing | 1 GPU (shared base) | FSDP x8 (3 copies) | "
+    lines = ["| model | base params | DAR student | checkpointing | 1 GPU (shared base) | FSDP x8 (shared base) | "
              "checkpoint | exported adapter |", "|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['model']} | {r['params_B']:.1f}B | {'on' if r['dar_student'] else 'off'} | "

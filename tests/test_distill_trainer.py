@@ -153,11 +153,9 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
     assert main(["distill", *_overrides(tiny_teacher, split, 2)]) == 0
     assert main(["distill", *_overrides(tiny_teacher, split, 4)]) == 0  # resumes from step 2
     a, b = _read_logs(full), _read_logs(split)
-    for step in (3, 4):
-        for key in ("critic/fake_loss", "gen/dm_loss"):
-            if key in b[step]:
-                assert a[step][key] == b[step][key], (step, key)
-    assert "critic/fake_loss" in b[4]
+    for step in (3, 4):  # whole rows: step 4 (no generator update, ttur=2) carries step 3's generator logs
+        assert a[step] == b[step], step
+    assert "critic/fake_loss" in b[4] and "gen/dm_loss" in b[4]
     logged = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4], "the second run must continue at step 3, not start again"
     last = Path("checkpoints") / "step_0000004"
@@ -174,6 +172,21 @@ def test_resume_continues_exactly(tiny_teacher, tmp_path):
     assert states[0]["ema_updates"] == states[1]["ema_updates"] == 2  # generator updates: steps 0, 2 (ttur=2)
     initial = load_safetensors(split / "checkpoints" / "step_0000002" / "generator_ema.safetensors")
     assert any(not torch.equal(initial[k], got[k]) for k in got), "the resumed run's EMA must have moved on"
+
+
+def test_a_logged_row_holds_each_phase_s_latest_update_only(tiny_teacher, tmp_path, monkeypatch):
+    """A key the latest generator update did not log (a dm_grad/* timestep bucket its batch missed) is not carried
+    over from an older update, which a resumed run could not reproduce; an iteration without a generator update
+    (ttur=2) logs the latest one's."""
+    buckets = iter([{"dm_grad/first": 1.0}, {"dm_grad/second": 2.0}])
+    monkeypatch.setattr("dmd_dar.distill.method.per_bucket_rms", lambda *args: next(buckets))
+    out = tmp_path / "run"
+    assert main(["distill", *_overrides(tiny_teacher, out, 4)]) == 0  # generator updates at steps 1 and 3
+    logs = _read_logs(out)
+    assert logs[1]["dm_grad/first"] == logs[2]["dm_grad/first"] == 1.0
+    assert logs[2]["gen/dm_loss"] == logs[1]["gen/dm_loss"]
+    assert logs[3]["dm_grad/second"] == logs[4]["dm_grad/second"] == 2.0
+    assert "dm_grad/first" not in logs[3] and "dm_grad/first" not in logs[4]
 
 
 def test_resume_with_changed_config_names_the_keys(tiny_teacher, tmp_path, capsys):

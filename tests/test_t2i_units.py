@@ -136,6 +136,24 @@ def test_memory_estimate_closed_form():
                          checkpointing=True, offload_teacher=True, world_size=8, sharded=True)
     assert sharded["teacher"] == 0 and sharded["optimizer"] * gib == 8 * 200 / 8
     assert "MiB" in M.format_estimate(est, "t")
+    shared = M.estimate(teacher, student, student, tokens=10, hidden=8, layers=2, batch=3, act_bytes=2,
+                        checkpointing=True, world_size=8, sharded=True, shared_base=True, gathered=50)
+    assert shared["teacher"] * gib == 2000 / 8  # the one base, sharded with the adapters
+    assert shared["gradients"] * gib == (2 * 100 * 4 + 1000 * 4) / 8  # flat gradients cover the frozen base too
+    assert shared["gathered units"] * gib == 2 * 50 * 2  # gathered values and their gradients, in bf16
+
+
+def test_gathered_values_are_the_root_unit_and_the_two_largest_units():
+    class Attention(torch.nn.Linear):
+        pass
+
+    class FeedForward(torch.nn.Linear):
+        pass
+
+    base = torch.nn.Sequential(torch.nn.Linear(2, 3), Attention(3, 3), FeedForward(3, 5), Attention(3, 3),
+                               torch.nn.LayerNorm(5))  # root: 9 + 10 values; units: 12, 20, 12
+    router = torch.nn.Linear(3, 1, bias=False)  # a network's own tensor outside the base: root unit
+    assert M.gathered_values(base, router) == 9 + 10 + 3 + 20 + 12
 
 
 def test_unsupported_class_in_a_pipeline_folder(tmp_path):

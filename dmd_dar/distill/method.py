@@ -318,8 +318,9 @@ class DMD2:
     def critic_step(self, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The critic phase on one micro-batch: ``critic_loss`` on the sample of this iteration's generator
         step, or, in an iteration without one (``ttur`` > 1), on the current student's sample drawn here
-        without graph. The generator's parameters are frozen meanwhile: this phase trains only the fake score
-        and the GAN head."""
+        without graph. The generator's parameters are frozen meanwhile (a sharded generator's are not, see
+        ``is_sharded``: they get zero gradients, cleared before its own update): this phase trains only the fake
+        score and the GAN head."""
         b = micro.batch
         if micro.sample is None:
             with torch.no_grad():
@@ -327,7 +328,8 @@ class DMD2:
                 # Outside gradient synchronisation: the bare module under DDP, the FSDP wrapper itself.
                 student = replace(self.generator, net=forward_module(self.generator.net))
                 micro.sample = student.x0(x_in, t_in, b.cond).to(b.noise.dtype)
-        with frozen(forward_module(self.generator.net)):
+        net = forward_module(self.generator.net)
+        with contextlib.nullcontext() if is_sharded(net) else frozen(net):  # sharded: see is_sharded
             return self.critic_loss(micro.sample, b.cond, micro.gen, b.real, b.real_cond)
 
     def critic_loss(self, x: torch.Tensor, cond, gen: torch.Generator,

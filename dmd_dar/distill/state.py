@@ -101,7 +101,7 @@ class TrainingState:
         """Wrap networks and optimizers for the launch (accelerate's ``prepare``), make the EMA the strategy
         trains with, and restore the per-process pieces of a resumed checkpoint."""
         names = [n for n in ("student", "fake", "g_opt", "f_opt", "gan_head") if getattr(self, n) is not None]
-        prepared = self.strategy.accelerator.prepare(*(getattr(self, n) for n in names))
+        prepared = self.strategy.prepare(*(getattr(self, n) for n in names))
         for name, obj in zip(names, prepared if len(names) > 1 else [prepared]):
             setattr(self, name, obj)
         self.ema = self.strategy.ema_after_prepare(self.student, self.ema, self.ema_decay)

@@ -260,24 +260,27 @@ def run(cfg: DistillConfig) -> Path:
 
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="distill",
                disable=not (cfg.run.progress and main_process))
-    last_logs: dict[str, float] = {}
+    # Each phase's logs of its latest update, replaced as a whole: a logged row (every run.log_every iterations,
+    # and an iteration without a generator update under method.ttur > 1) holds each phase's latest update, never
+    # keys left over from an older one (a timestep bucket of dm_grad/* that this update's batch did not hit),
+    # which a resumed run could not reproduce.
+    phase_logs: dict[str, dict[str, float]] = {}
     critic_params = [p for grp in state.f_opt.param_groups for p in grp["params"]] if state.f_opt else []
     for step in bar:
         micro = _micro_batches(cfg, task, step, accelerator, method.needs_real)
-        logs: dict[str, float] = {}
         do_log = (step + 1) % cfg.run.log_every == 0
         # The warm start: a regression update at every iteration and no critic; then DMD with TTUR.
         warm_start = step < cfg.method.warm_start_steps
         if warm_start or step % cfg.method.ttur == 0:
-            logs.update(_generator_phase(accelerator, cfg, task, state, method, micro, step, do_log, reference,
-                                         drift_check, run_dir, warm_start))
+            phase_logs["generator"] = _generator_phase(accelerator, cfg, task, state, method, micro, step, do_log,
+                                                       reference, drift_check, run_dir, warm_start)
         if not warm_start:
-            logs.update(_critic_phase(accelerator, cfg, state, method, micro, critic_params))
-        last_logs.update(logs)
+            phase_logs["critic"] = _critic_phase(accelerator, cfg, state, method, micro, critic_params)
         state.step = done = step + 1
         if do_log:
-            last_logs["health/bad_steps_total"] = float(state.guard.total)
-            _log(accelerator, bar, run_dir, done, last_logs)
+            row = {k: v for phase in ("generator", "critic") for k, v in phase_logs.get(phase, {}).items()}
+            row["health/bad_steps_total"] = float(state.guard.total)
+            _log(accelerator, bar, run_dir, done, row)
         if cfg.run.sample_every and done % cfg.run.sample_every == 0:
             net = state.sampling_net(fresh_student)
             if main_process:

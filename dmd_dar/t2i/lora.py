@@ -12,6 +12,14 @@ no base tensor), and before every forward it binds them into its adapter slot an
 active one (``SharedBase.use``). Binding, not only selecting, is what lets a copy (the EMA of the student) run
 with its own matrices in the student's slot. Under activation checkpointing a sublayer is recomputed during
 the backward, when another network may be bound: ``checkpointable`` re-binds the forward's adapter first.
+
+Every forward on the base runs inside ``SharedBase.run``, a call of ``SharedBase.root`` (``SharedRoot``: the
+base transformer and the routers of the trained networks in one module). Under FSDP that module is what gets
+wrapped, once: its attention / feed-forward units are sharded with the frozen weights and both adapters' LoRA
+matrices inside, and everything else (embedders, adaLN, heads, routers) is the root unit, which FSDP gathers
+only around a call of the root itself; the DAR wrappers run the base sublayer by sublayer, never through its
+``forward``, so the call has to be the root's. Binding then only selects the slot (the trained networks' leaves
+are the slot's own matrices: nothing is swapped inside a flattened unit).
 """
 
 from __future__ import annotations
@@ -129,15 +137,34 @@ def _leaf_key(path: str) -> str:
     return path.replace(".", "__")  # ModuleDict keys cannot hold dots
 
 
+class SharedRoot(nn.Module):
+    """The module that owns every tensor on a shared base: the transformer and, under ``networks``, the DAR
+    wrappers (routers) of the networks trained on it. ``forward(fn, *args)`` is ``fn(*args)``: called as the
+    root of an FSDP wrapping, it runs ``fn`` with the root unit's parameters gathered (module docstring)."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.networks = nn.ModuleDict()
+
+    def forward(self, fn: Callable, *args):
+        return fn(*args)
+
+
 class SharedBase:
     """The one frozen base transformer of a LoRA run and its adapter slots (module docstring).
 
     Not an ``nn.Module`` on purpose: a network holds it without registering the base, and ``copy.deepcopy`` of a
     network (the EMA) keeps pointing at the same base (``__deepcopy__`` returns the holder itself).
+
+    ``root``: the ``SharedRoot`` every forward is called through; the training strategy replaces it with its
+    prepared (FSDP-wrapped) form, and ``sharded`` says so.
     """
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer.requires_grad_(False).eval()
+        self.root: nn.Module = SharedRoot(self.transformer)
+        self.sharded = False
         self._bound: tuple[int, str] | None = None  # (id of the bound leaves, slot); None: adapters off
         self._bound_leaves: nn.ModuleDict | None = None
         self.slots: dict[str, nn.ModuleDict] = {}  # adapter name -> the matrices it was injected with
@@ -163,6 +190,14 @@ class SharedBase:
             trained.requires_grad_(True)
         return leaves
 
+    def register(self, slot: str, wrapped: nn.Module) -> None:
+        """Make the routers of the network trained in ``slot`` part of ``root`` (before it is prepared)."""
+        self.root.networks[slot] = wrapped
+
+    def run(self, fn: Callable, *args):
+        """``fn(*args)`` (a forward on the base) called through ``root`` (module docstring)."""
+        return self.root(fn, *args)
+
     def use(self, leaves: nn.ModuleDict | None, slot: str | None) -> None:
         """Run the next forward with ``leaves`` bound into adapter ``slot`` as the only active adapter; with
         ``leaves=None`` with every adapter off (the teacher). Cheap when nothing changes."""
@@ -178,6 +213,9 @@ class SharedBase:
             layer._active_adapter = [slot]  # not set_adapter(): that also flips requires_grad
             pair = leaves[_leaf_key(path)]
             if layer.lora_A[slot] is not pair["lora_A"]:
+                if self.sharded:  # a flattened FSDP unit cannot take other modules
+                    raise RuntimeError("binding other LoRA matrices into a sharded shared base (only the trained "
+                                       "networks run on it; build copies on a standalone base)")
                 layer.lora_A[slot], layer.lora_B[slot] = pair["lora_A"], pair["lora_B"]
         self._bound = want
 

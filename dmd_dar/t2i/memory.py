@@ -12,7 +12,13 @@ fake score):
     DAR adds the routed history: sublayers * tokens * hidden values per sample.
 
 On a shared base (``t2i.shared_base``) the student and the fake score hold only their LoRA matrices and routers
-(the base is counted once, as the teacher); with three copies each holds a full copy of the base. The activation
+(the base is counted once, as the teacher; under FSDP it is sharded with them); with three copies each holds a
+full copy of the base (under FSDP the two trained copies are sharded, the teacher's is not). Under FSDP a shared
+base adds what FSDP (version 1, ``use_orig_params``) holds beyond the shards: each flat parameter's gradient
+covers the whole flat parameter, frozen base values included (one buffer per unit, sharded), and a forward holds
+the root unit (everything outside the ``FSDP_UNITS`` modules: embedders, adaLN, heads, routers, Flux's
+single-block MLPs) and up to two units (the one running and the prefetched one) gathered in full, in the
+compute dtype, with their full gradients in the backward. The activation
 term is an order of magnitude, not a bound; the parameter terms are exact. :func:`disk_estimate` gives the sizes
 of a training checkpoint and of the exported adapter from the same counts.
 """
@@ -25,6 +31,8 @@ import torch
 from torch import nn
 
 GiB = 1024 ** 3
+# The FSDP units of configs/accelerate/fsdp_8gpu.yaml (fsdp_transformer_layer_cls_to_wrap; Flux: FluxAttention).
+FSDP_UNITS = ("Attention", "FluxAttention", "FeedForward")
 
 
 @dataclass
@@ -46,23 +54,32 @@ def count(module, frozen_bytes: int, train_bytes: int, frozen_only: bool = False
 
 def estimate(teacher: NetCount, student: NetCount, fake: NetCount, *, tokens: int, hidden: int, layers: int,
              batch: int, act_bytes: int, checkpointing: bool, ema: bool = True, offload_teacher: bool = False,
-             dar_sublayers: int = 0, world_size: int = 1, sharded: bool = False) -> dict[str, float]:
+             dar_sublayers: int = 0, world_size: int = 1, sharded: bool = False,
+             shared_base: bool = False, gathered: int = 0) -> dict[str, float]:
     """GiB per process, by component (module docstring). ``sharded``: FSDP divides weights, grads and optimizer
     states of student and fake, and the EMA (``ShardedEMA``: each process averages its own pieces), by
-    ``world_size`` (the teacher is not prepared, so not sharded). The EMA copies the whole student: on a shared
-    base its trainable tensors only, with copies the frozen base too."""
+    ``world_size``; the teacher too when it is the ``shared_base`` (sharded once with the adapters), not when it
+    is a copy of its own (not prepared). The EMA copies the whole student: on a shared base its trainable tensors
+    only, with copies the frozen base too. A sharded shared base: gradients of the whole flat parameters (base
+    included, in the training dtype), and ``gathered`` values (root unit + two units) in full in ``act_bytes``,
+    with as many gradient values (module docstring)."""
     def weights(n: NetCount) -> int:
         return (n.total - n.trainable) * n.frozen_bytes + n.trainable * n.train_bytes
 
     shard = world_size if sharded else 1
     out = {
-        "teacher": 0.0 if offload_teacher else weights(teacher) / GiB,
+        "teacher": 0.0 if offload_teacher else weights(teacher) / (shard if shared_base else 1) / GiB,
         "student": weights(student) / shard / GiB,
         "fake_score": weights(fake) / shard / GiB,
         "gradients": (student.trainable * student.train_bytes + fake.trainable * fake.train_bytes) / shard / GiB,
         "optimizer": 8 * (student.trainable + fake.trainable) / shard / GiB,
         "ema": weights(student) / shard / GiB if ema else 0.0,
     }
+    if sharded and shared_base:
+        # one flat gradient per unit, frozen values included (FSDP's docs: mixing frozen and trained parameters in
+        # a unit costs gradient memory for the frozen ones)
+        out["gradients"] += teacher.total * student.train_bytes / shard / GiB
+        out["gathered units"] = 2 * gathered * act_bytes / GiB
     per_layer = tokens * hidden * act_bytes * batch
     act = per_layer * (layers + 16) if checkpointing else per_layer * 16 * layers
     act += dar_sublayers * tokens * hidden * act_bytes * batch
@@ -88,7 +105,8 @@ def estimate_for(teacher: nn.Module, student: nn.Module, fake: nn.Module, *, sto
                  ) -> dict[str, float]:
     """:func:`estimate` of a T2I run from its modules: the teacher's transformer (its frozen weights only), the
     student and fake-score ``T2INet``s (their DAR wrappers say how many sublayers they route), ``tokens`` image +
-    text tokens per sample."""
+    text tokens per sample. Networks on one shared base (``shared_owner``, ``dmd_dar.t2i.task.AdapterNet``) count
+    the base once, as the teacher, sharded under ``sharded``."""
     fb, tb = _bytes(storage_dtype), _bytes(train_dtype)
     act_bytes = 2 if mixed_precision in ("bf16", "fp16") else tb
     config = teacher.config
@@ -97,10 +115,23 @@ def estimate_for(teacher: nn.Module, student: nn.Module, fake: nn.Module, *, sto
         getattr(config, "num_attention_heads", 1) * getattr(config, "attention_head_dim", 1)
     sublayers = sum(int(getattr(n.model.router, "num_sublayers", 0))
                     for n in (student, fake) if getattr(n.model.routing_cfg, "is_dar", False))
+    shared_base = getattr(student, "shared_owner", None) is not None
     return estimate(count(teacher, fb, fb, frozen_only=True), count(student, fb, tb), count(fake, fb, tb),
                     tokens=tokens, hidden=hidden, layers=max(layers, 1), batch=batch, act_bytes=act_bytes,
                     checkpointing=checkpointing, ema=ema, offload_teacher=offload_teacher, dar_sublayers=sublayers,
-                    world_size=world_size, sharded=sharded)
+                    world_size=world_size, sharded=sharded, shared_base=shared_base,
+                    gathered=gathered_values(teacher, student, fake) if sharded and shared_base else 0)
+
+
+def gathered_values(base: nn.Module, *networks: nn.Module) -> int:
+    """Parameters FSDP holds in full at once on a shared ``base`` wrapped with ``FSDP_UNITS`` units: the root unit
+    (every tensor of the base and of ``networks`` outside a unit; gathered for the whole forward) plus the two
+    largest units (the one running and the prefetched one)."""
+    units = [m for m in base.modules() if type(m).__name__ in FSDP_UNITS]
+    in_units = {id(p) for m in units for p in m.parameters()}
+    every = {id(p): p.numel() for n in (base, *networks) for p in n.parameters()}
+    sizes = sorted((sum(p.numel() for p in m.parameters()) for m in units), reverse=True)
+    return sum(v for k, v in every.items() if k not in in_units) + sum(sizes[:2])
 
 
 def disk_estimate(student: nn.Module, fake: nn.Module, *, storage_dtype: torch.dtype, train_dtype: torch.dtype,

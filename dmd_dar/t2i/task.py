@@ -14,7 +14,9 @@ Selected with ``networks.teacher_kind=diffusers``; settings under ``t2i.*`` (``T
   score the same base with ``t2i.fake_adapter``, the teacher the base with adapters off (``dmd_dar.t2i.lora.
   SharedBase``); no base weight exists twice, and each network's parameters (what its optimizer, DDP, the EMA and
   the checkpoints see) are its own LoRA matrices and routers only. DAR routers train fully, in their own
-  optimizer group. Under FSDP a LoRA run keeps three copies (the shared base is not sharded yet);
+  optimizer group. Under FSDP the one base is sharded once (``SharedBase.root``, prepared by the training
+  strategy in place of the two networks), and the main process's sample grids and export run on a standalone
+  base read again from ``t2i.model``;
 - the real score's guidance in the model's own form: two-pass CFG against ``t2i.negative_prompt`` for SD3,
   PixArt, DiT and Qwen-Image; Flux-dev's embedded guidance (the scale is a model input, one pass, no null
   condition); the student and fake score of Flux-dev get the fixed ``t2i.embedded_guidance``;
@@ -31,6 +33,7 @@ images; DMD2 on prompts is data-free), and the DMD1 regression loss (it needs ca
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 from pathlib import Path
@@ -82,9 +85,13 @@ class TeacherNet(T2INet):
         self._base = base
 
     def forward(self, x_t, t, cond):
-        if self._base is not None:
-            self._base.use(None, None)
-        return super().forward(x_t, t, cond)
+        if self._base is None:
+            return super().forward(x_t, t, cond)
+        return self._base.run(self._on_base, x_t, t, cond)
+
+    def _on_base(self, x_t, t, cond):
+        self._base.use(None, None)
+        return T2INet.forward(self, x_t, t, cond)
 
 
 class _Teacher(TeacherNet):
@@ -94,7 +101,8 @@ class _Teacher(TeacherNet):
 
     def __init__(self, model, family, embedded_guidance, device, offload: bool, base: SharedBase | None) -> None:
         super().__init__(model, family, embedded_guidance, base)
-        self._device, self._offload, self._placed = torch.device(device), offload, False
+        # a shared base is on the device already (and may be FSDP-wrapped by now: nothing to move)
+        self._device, self._offload, self._placed = torch.device(device), offload, base is not None
 
     def forward(self, x_t, t, cond):
         if not self._placed:
@@ -126,11 +134,25 @@ class AdapterNet(T2INet):
             new.__dict__[key] = copy.deepcopy(value, memo)
         return new
 
+    @property
+    def shared_owner(self) -> SharedBase:
+        """What owns this network's parameters together with the other networks' (``training.sharding``): under
+        FSDP its ``root`` is prepared once, in place of the networks."""
+        return self._base
+
+    def no_sync(self):
+        """The gradient-sync pause of the prepared root (accelerate's ``no_sync`` looks it up on the network;
+        under FSDP the network itself is not wrapped)."""
+        return getattr(self._base.root, "no_sync", contextlib.nullcontext)()
+
     def bind(self) -> None:
         """Make the base compute this network (its matrices in its slot, the only active adapter)."""
         self._base.use(self.adapter, self.slot)
 
     def forward(self, x_t, t, cond):
+        return self._base.run(self._on_base, x_t, t, cond)
+
+    def _on_base(self, x_t, t, cond):
         self.bind()
         return super().forward(x_t, t, cond)
 
@@ -179,6 +201,7 @@ def network_on_base(base: SharedBase, role: str, routing: RoutingConfig, tc, fam
         adapter = copy.deepcopy(base.slots[slot])
     else:
         adapter = base.add_adapter(slot, tc.lora_rank, tc.lora_alpha, tc.lora_targets or family.lora_targets, key)
+        base.register(slot, wrapped)  # the trained network's routers: part of what FSDP wraps once
     for p in list(adapter.parameters()) + list(wrapped.parameters()):
         p.requires_grad_(True)
         p.data = p.data.to(device=device, dtype=train_dtype)
@@ -265,14 +288,13 @@ class DiffusersT2ITask(DistillTask):
         if self.guidance_form == "embedded":
             self.embedded_guidance = float(tc.embedded_guidance if tc.embedded_guidance is not None
                                            else m.guidance_scale)
-        # One frozen base for teacher, student and fake score (module docstring); FSDP keeps three copies.
+        # One frozen base for teacher, student and fake score (module docstring), sharded once under FSDP.
         self.base = None
         if tc.lora_rank > 0 and tc.shared_base:
+            self.base = SharedBase(self.transformer.to(self.device))
             if fsdp_requested():  # the trainer's check_distribution makes this the launch's FSDP
-                _print("t2i.shared_base: FSDP launch, so the student and the fake score get their own (sharded) "
-                       "copies of the base; the shared base runs under DDP or in one process")
-            else:
-                self.base = SharedBase(self.transformer.to(self.device))
+                _print("t2i.shared_base: FSDP launch: the one base (teacher, student and fake score) is sharded "
+                       "once; sample grids and the export run on the main process on the base read again")
         teacher_net = _Teacher(self.transformer, fam, self.embedded_guidance, self.device, tc.offload_teacher,
                                self.base)
         teacher_net.vae_scale_factor = self.vae_factor
@@ -360,7 +382,9 @@ class DiffusersT2ITask(DistillTask):
         if self.base is not None:
             if role not in ("student", "fake"):
                 raise ValueError(f"role {role!r}: student or fake")
-            net = network_on_base(self.base, role, routing, self.tc, self.family, self.embedded_guidance,
+            # A network built after the base was sharded (the main process's sampling copy) cannot run on it.
+            base = self._standalone_base() if self.base.sharded else self.base
+            net = network_on_base(base, role, routing, self.tc, self.family, self.embedded_guidance,
                                   self.train_dtype, self.device, gradient_checkpointing)
         else:
             net = copied_network(self.transformer, routing, self.tc, self.family, self.embedded_guidance,
@@ -371,6 +395,15 @@ class DiffusersT2ITask(DistillTask):
         if len(self._built) == 2:
             self.print_memory_estimate(*self._built, gradient_checkpointing)
         return net
+
+    def _standalone_base(self) -> SharedBase:
+        """A base of its own, the teacher's weights read again from ``t2i.model``: for a network that runs on
+        one process while the shared base is sharded over all of them."""
+        tc = self.tc
+        transformer = type(self.transformer).from_pretrained(self.source, subfolder="transformer",
+                                                             revision=tc.revision, cache_dir=tc.cache_dir,
+                                                             local_files_only=self.local_only, dtype=self.dtype)
+        return SharedBase(transformer.to(self.device))
 
     def teacher_identity(self) -> str:
         """The digest of the frozen base weights (``weights_digest``), so a resume against another base
@@ -466,7 +499,8 @@ class DiffusersT2ITask(DistillTask):
                              self.max_sequence_length, batch=cfg.run.batch_size, checkpointing=checkpointing,
                              ema=cfg.ema_decay > 0, offload_teacher=self.tc.offload_teacher, world_size=world,
                              sharded=sharded)
-        base = "shared base" if self.base is not None else ("3 copies" if self.tc.lora_rank else "full fine-tuning")
+        base = ("shared base, sharded once" if sharded else "shared base") if self.base is not None else \
+            ("3 copies" if self.tc.lora_rank else "full fine-tuning")
         _print(M.format_estimate(est, f"memory estimate per process ({self.class_name}, "
                                       f"{self.tc.height}x{self.tc.width}, batch {cfg.run.batch_size}, "
                                       f"LoRA rank {self.tc.lora_rank or 'off'} ({base}), checkpointing "

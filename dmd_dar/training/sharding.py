@@ -12,6 +12,11 @@ sharded forms:
   (``ShardedEMA``; exact resume needs the same number of processes and the same wrapping);
 - forwards that must not touch gradients go through the wrapper (``forward_module``): the root unit gathers its
   own parameters (embedders, adaLN, routers) in its pre-forward hook, so the bare inner module cannot run.
+
+Networks on one shared module (a LoRA run's frozen base: ``dmd_dar.t2i.task.AdapterNet``) name its owner as
+``shared_owner``: an object whose ``root`` module registers every network's parameters and is called for every
+forward. Under FSDP that root is wrapped once (``prepare_shared``) and the networks stay unwrapped views of their
+own parameters in it; ``gather_params`` gathers the full values of just those, one FSDP unit at a time.
 """
 
 from __future__ import annotations
@@ -75,17 +80,73 @@ def _sharded_strategy(accelerator) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` is an FSDP wrapper (its root parameters are pieces, gathered in its pre-forward hook)."""
+    """Whether ``model`` is an FSDP wrapper (its root parameters are pieces, gathered in its pre-forward hook) or a
+    network on a shared root that is one. Their parameters must not be frozen around a forward: the views FSDP
+    hands a forward require a gradient when any parameter of their unit does, so freezing changes the graph, and
+    an activation-checkpointed recomputation in the backward (after unfreezing) no longer matches it."""
     # lazy: torch.distributed.fsdp takes ~1.5 s to import, and an unsharded run never builds one
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return isinstance(model, FullyShardedDataParallel)
+    owner = shared_owner(model)
+    return isinstance(model, FullyShardedDataParallel) or bool(owner is not None and owner.sharded)
 
 
 def forward_module(model: nn.Module) -> nn.Module:
     """The module to call for a forward outside gradient synchronisation (no-grad forwards, frozen-parameter
     passes): the bare module inside a DDP wrapper (no reducer, no buffer broadcast), an FSDP wrapper itself."""
     return model if is_sharded(model) else getattr(model, "module", model)
+
+
+def shared_owner(model: nn.Module):
+    """The owner of ``model``'s parameters shared with other networks (module docstring), or None."""
+    return getattr(model, "shared_owner", None)
+
+
+def prepare_shared(accelerator, models: list[nn.Module]) -> None:
+    """Wrap the shared root of each of ``models`` once (accelerate's ``prepare``: FSDP with the launch's auto-wrap
+    policy) and mark its owner ``sharded``; the models themselves stay unwrapped."""
+    done = set()
+    for model in models:
+        owner = shared_owner(model)
+        if owner is not None and id(owner) not in done:
+            owner.root = accelerator.prepare(owner.root)
+            owner.sharded = True
+            done.add(id(owner))
+
+
+def _unit_params(unit: nn.Module) -> list[nn.Parameter]:
+    """The original parameters in FSDP unit ``unit``'s own flat parameter (those of nested units left out)."""
+    # lazy: torch.distributed.fsdp takes ~1.5 s to import, and an unsharded run never builds one
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    out, stack = [], [unit.module]
+    while stack:
+        m = stack.pop()
+        out.extend(m.parameters(recurse=False))
+        stack.extend(c for c in m.children() if not isinstance(c, FullyShardedDataParallel))
+    return out
+
+
+@torch.no_grad()
+def gather_params(root: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The full values (on the CPU) of ``params``, original parameters of the FSDP-wrapped ``root``, gathered unit
+    by unit (one unit's full weights at a time, never the whole model). A collective: every process calls it."""
+    # lazy: torch.distributed.fsdp takes ~1.5 s to import, and an unsharded run never builds one
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    names = {id(p): name for name, p in params.items()}
+    out = {}
+    for unit in FullyShardedDataParallel.fsdp_modules(root):  # the root first: its summon does FSDP's lazy init
+        mine = [(names[id(p)], p) for p in _unit_params(unit) if id(p) in names]
+        if not mine and unit is not root:
+            continue
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            for name, p in mine:
+                out[name] = p.detach().to("cpu", copy=True)
+    missing = set(params) - set(out)
+    if missing:
+        raise RuntimeError(f"parameters outside {type(root).__name__}'s FSDP units: {sorted(missing)[:4]}")
+    return out
 
 
 @torch.no_grad()

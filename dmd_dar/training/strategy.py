@@ -20,7 +20,7 @@ from torch import nn
 from dmd_dar.errors import UserError
 from dmd_dar.training.checkpoint import Checkpointer, load_checkpoint, load_process_state
 from dmd_dar.training.ema import EMA
-from dmd_dar.training.sharding import ShardedEMA, is_fsdp
+from dmd_dar.training.sharding import ShardedEMA, gather_params, is_fsdp, prepare_shared, shared_owner
 
 
 class Strategy:
@@ -50,6 +50,11 @@ class Strategy:
     def ema_source(self, model: nn.Module) -> nn.Module:
         """The module whose parameters the EMA averages, for a prepared ``model``."""
         raise NotImplementedError
+
+    # -- wrapping --------------------------------------------------------------------------------------------
+    def prepare(self, *objs):
+        """accelerate's ``prepare`` of networks and optimizers (one result, or a tuple for several)."""
+        return self.accelerator.prepare(*objs)
 
     # -- weights ---------------------------------------------------------------------------------------------
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -134,6 +139,26 @@ class Sharded(Strategy):
 
     sharded = True
     per_process_state = True
+
+    def prepare(self, *objs):
+        """As accelerate's, except that networks on a shared module (``sharding.shared_owner``) are not wrapped
+        themselves: their shared root is, once, and they stay views of their own parameters in it."""
+        shared = [o for o in objs if isinstance(o, nn.Module) and shared_owner(o) is not None]
+        prepare_shared(self.accelerator, shared)
+        rest = [o for o in objs if not any(o is s for s in shared)]
+        prepared = self.accelerator.prepare(*rest) if rest else ()
+        prepared = iter(prepared if len(rest) > 1 else (prepared,))
+        out = tuple(o if any(o is s for s in shared) else next(prepared) for o in objs)
+        return out if len(out) > 1 else out[0]
+
+    def full_state_dict(self, model):
+        owner = shared_owner(model)
+        if owner is None:
+            return super().full_state_dict(model)
+        params = dict(model.named_parameters())
+        state = gather_params(owner.root, params)
+        state.update({k: v for k, v in model.state_dict().items() if k not in params})  # buffers: not sharded
+        return state
 
     def ema_before_prepare(self, model, decay):
         return None  # the shards exist only after prepare
