@@ -16,6 +16,7 @@ from dmd_dar.distill.method import DMD2, MicroBatch, RegressionPairs
 from dmd_dar.distill.trainer import build_task
 from dmd_dar.models import build_model, preset_config
 from dmd_dar.routing import RoutingConfig, routing_parameters
+from dmd_dar.training.checkpoint import load_checkpoint
 from dmd_dar.utils.io import load_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,6 +279,25 @@ def test_warm_start_trains_the_student_on_the_pairs_alone(tiny_teacher, tmp_path
     assert fake and all(torch.equal(fake[k], teacher[k]) for k in fake), "the warm start must not train the critic"
     student = load_safetensors(out / warm / "generator.safetensors")
     assert any(not torch.equal(student[k], teacher[k]) for k in student if k in teacher)
+
+
+def test_warm_start_runs_at_its_own_learning_rate(tiny_teacher, tmp_path):
+    """``method.warm_start_lr``: the generator's rate for the warm start's updates, ``generator_optim.lr`` after it
+    (no warm-up: the rates are exact); the fake score keeps its own rate throughout."""
+    out = tmp_path / "run"
+    extra = ("method.warm_start_steps=2", "method.warm_start_lr=1e-3", "generator_optim.lr=1e-5",
+             "generator_optim.warmup_steps=0", "fake_optim.lr=3e-4", "fake_optim.warmup_steps=0",
+             "method.regression_pairs=8", "method.regression_steps=2", "run.ckpt_every=1", "run.keep_checkpoints=3")
+    assert main(["distill", *_overrides(tiny_teacher, out, 3, *extra)]) == 0
+    # A checkpoint's optimizer holds the rate of the next update: steps 1 -> warm start, 2 and 3 -> DMD.
+    rates = {}
+    for step in (1, 2, 3):
+        _, optimizers, _ = load_checkpoint(out / "checkpoints" / f"step_{step:07d}")
+        rates[step] = [g["lr"] for g in optimizers["generator"]["param_groups"]]
+    assert rates[1] == pytest.approx([1e-3] * len(rates[1]))
+    assert rates[2] == rates[3] == pytest.approx([1e-5] * len(rates[2]))
+    fake_rates = [g["lr"] for g in optimizers["fake"]["param_groups"]]  # step 3's
+    assert fake_rates == pytest.approx([3e-4] * len(fake_rates))
 
 
 def test_warm_start_loss_is_the_mse_to_the_teacher_pairs(tiny_teacher):

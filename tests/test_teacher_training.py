@@ -118,6 +118,21 @@ def test_cosine_schedule_warms_up_then_decays_towards_zero_at_the_last_update():
     assert all(a > b for a, b in zip(cosine[4:], cosine[5:])) and 0 < cosine[-1] < 0.05
 
 
+def test_a_first_phase_runs_at_its_own_scale_of_the_schedule():
+    """``first_updates`` / ``first_scale`` (the distill warm start's rate): those updates at ``first_scale`` times
+    the warm-up / decay factor, the rest at the plain schedule."""
+    from dmd_dar.training.optim import OptimConfig, build_optimizer, lr_schedule
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=4)
+    opt = build_optimizer([{"params": [torch.zeros(1, requires_grad=True)]}], cfg)
+    sched, out = lr_schedule(opt, cfg, total_updates=8, first_updates=3, first_scale=10.0), []
+    for _ in range(8):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert out == pytest.approx([2.5, 5.0, 7.5, 1.0, 1.0, 1.0, 1.0, 1.0])
+
+
 def test_cosine_decay_makes_the_step_count_part_of_the_resume_check(tmp_path, capsys):
     assert main(_args(tmp_path / "run", 2, "optim.decay=cosine")) == 0
     assert main(_args(tmp_path / "run", 4, "optim.decay=cosine")) == 2  # constant decay would resume

@@ -51,6 +51,8 @@ class MethodConfig:
     #                                      a teacher may share it
     warm_start_steps: int = 0  # the first N iterations: a generator update on the regression loss alone at every
     #                            iteration, no critic (DMD1 / DMD2-SDXL's regression warm start on the cached pairs)
+    warm_start_lr: float | None = None  # the generator's learning rate in the warm start (null: generator_optim.lr;
+    #                                     its routing_lr scales alike); generator_optim.lr then applies to DMD
     # Decoupled DMD (Liu et al. 2025, arXiv 2511.22677): DMD2's update split into CA and DM, each on its own x_t
     objective: str = "dmd2"  # dmd2 (one coupled update) | decoupled (CA + regulariser terms; method.DecoupledDMD)
     ca_weight: float = 1.0  # decoupled: weight of CA, -(w - 1)(x0_c - x0_u); 0 = pure distribution matching
@@ -88,6 +90,8 @@ class MethodConfig:
                 raise UserError(f"method.{key}={getattr(self, key)} must be >= 1")
         if self.warm_start_steps < 0:
             raise UserError(f"method.warm_start_steps={self.warm_start_steps} must be >= 0 (0: no warm start)")
+        if self.warm_start_lr is not None and self.warm_start_lr <= 0:
+            raise UserError(f"method.warm_start_lr={self.warm_start_lr} must be > 0, or null for generator_optim.lr")
         if self.regression_loss not in REGRESSION_KINDS:
             raise UserError(f"method.regression_loss={self.regression_loss!r}; choose one of mse, lpips")
         if self.gan_feature not in GAN_FEATURES:

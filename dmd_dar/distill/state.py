@@ -83,9 +83,13 @@ class TrainingState:
         if gan_head is not None:
             f_groups.append({"params": list(gan_head.parameters()), "lr": f.lr, "weight_decay": 0.0})
         f_opt = build_optimizer(f_groups, f) if f_groups else None
-        g_updates = math.ceil(g.horizon(cfg.run.steps) / cfg.method.ttur)  # the generator's own update count
+        m = cfg.method
+        # The generator's own update count: one per warm-start iteration, then every ttur-th iteration.
+        warm, horizon = min(m.warm_start_steps, g.horizon(cfg.run.steps)), g.horizon(cfg.run.steps)
+        g_updates = warm + len(range(math.ceil(warm / m.ttur) * m.ttur, horizon, m.ttur))
+        warm_scale = (m.warm_start_lr / g.lr) if m.warm_start_lr is not None else 1.0
         return cls(strategy=strategy, student=student, fake=fake, gan_head=gan_head, g_opt=g_opt,
-                   f_opt=f_opt, g_sched=lr_schedule(g_opt, g, g_updates),
+                   f_opt=f_opt, g_sched=lr_schedule(g_opt, g, g_updates, m.warm_start_steps, warm_scale),
                    f_sched=lr_schedule(f_opt, f, f.horizon(cfg.run.steps)) if f_opt is not None else None,
                    guard=BadStepGuard(cfg.max_bad_steps),
                    ema=strategy.ema_before_prepare(student, cfg.ema_decay), ema_decay=cfg.ema_decay,

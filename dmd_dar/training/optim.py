@@ -54,18 +54,20 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_updates: int
-                ) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_updates: int, first_updates: int = 0,
+                first_scale: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``cfg.warmup_steps`` updates, then constant or a cosine decay from the full rate to 0
-    just after update ``total_updates`` (so with ``decay=cosine`` the run length is part of the schedule)."""
+    just after update ``total_updates`` (so with ``decay=cosine`` the run length is part of the schedule). The
+    first ``first_updates`` updates run at ``first_scale`` times that rate (the distill warm start's own rate)."""
     warmup = max(1, cfg.warmup_steps)
 
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup)
+        scale = first_scale if step < first_updates else 1.0
         if cfg.decay == "constant" or step < cfg.warmup_steps:
-            return ramp
+            return scale * ramp
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return scale * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
