@@ -95,7 +95,10 @@ def test_router_with_the_kernel_equals_the_torch_path(query, chunk, summary):
     torch.testing.assert_close(outputs["triton"], outputs["torch"])
     for name, g in grads["torch"].items():
         assert g is not None and g.abs().sum() > 0, name
-        torch.testing.assert_close(grads["triton"][name], g, msg=name)
+        # fp32 gradients through 7 layers reach |g| ~ 20 with sum summaries: the two paths sum in different orders,
+        # so the absolute tolerance scales with the gradient's size (1e-6 of it, ~10 fp32 ulps at the top)
+        scale = max(1.0, g.abs().max().item())
+        torch.testing.assert_close(grads["triton"][name], g, atol=1e-6 * scale, rtol=1.3e-6, msg=name)
 
 
 def test_fused_saves_less_than_the_lean_path():
