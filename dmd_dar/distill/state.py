@@ -85,7 +85,8 @@ class TrainingState:
         f_opt = build_optimizer(f_groups, f) if f_groups else None
         m = cfg.method
         # The generator's own update count: one per warm-start iteration, then every ttur-th iteration.
-        warm, horizon = min(m.warm_start_steps, g.horizon(cfg.run.steps)), g.horizon(cfg.run.steps)
+        horizon = g.horizon(cfg.run.steps)
+        warm = min(m.warm_start_steps, horizon)
         g_updates = warm + len(range(math.ceil(warm / m.ttur) * m.ttur, horizon, m.ttur))
         warm_scale = (m.warm_start_lr / g.lr) if m.warm_start_lr is not None else 1.0
         return cls(strategy=strategy, student=student, fake=fake, gan_head=gan_head, g_opt=g_opt,

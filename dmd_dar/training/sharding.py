@@ -79,16 +79,21 @@ def _sharded_strategy(accelerator) -> bool:
     return getattr(strategy, "name", str(strategy)) != "NO_SHARD"
 
 
+def _fsdp_class() -> type:
+    """torch's ``FullyShardedDataParallel``, imported on first use."""
+    # lazy: torch.distributed.fsdp takes ~1.5 s to import, and an unsharded run never builds one
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` is an FSDP wrapper (its root parameters are pieces, gathered in its pre-forward hook) or a
     network on a shared root that is one. Their parameters must not be frozen around a forward: the views FSDP
     hands a forward require a gradient when any parameter of their unit does, so freezing changes the graph, and
     an activation-checkpointed recomputation in the backward (after unfreezing) no longer matches it."""
-    # lazy: torch.distributed.fsdp takes ~1.5 s to import, and an unsharded run never builds one
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     owner = shared_owner(model)
-    return isinstance(model, FullyShardedDataParallel) or bool(owner is not None and owner.sharded)
+    return isinstance(model, _fsdp_class()) or bool(owner is not None and owner.sharded)
 
 
 def forward_module(model: nn.Module) -> nn.Module:
@@ -116,9 +121,7 @@ def prepare_shared(accelerator, models: list[nn.Module]) -> None:
 
 def _unit_params(unit: nn.Module) -> list[nn.Parameter]:
     """The original parameters in FSDP unit ``unit``'s own flat parameter (those of nested units left out)."""
-    # lazy: torch.distributed.fsdp takes ~1.5 s to import, and an unsharded run never builds one
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
+    FullyShardedDataParallel = _fsdp_class()
     out, stack = [], [unit.module]
     while stack:
         m = stack.pop()
@@ -131,9 +134,7 @@ def _unit_params(unit: nn.Module) -> list[nn.Parameter]:
 def gather_params(root: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """The full values (on the CPU) of ``params``, original parameters of the FSDP-wrapped ``root``, gathered unit
     by unit (one unit's full weights at a time, never the whole model). A collective: every process calls it."""
-    # lazy: torch.distributed.fsdp takes ~1.5 s to import, and an unsharded run never builds one
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
+    FullyShardedDataParallel = _fsdp_class()
     names = {id(p): name for name, p in params.items()}
     out = {}
     for unit in FullyShardedDataParallel.fsdp_modules(root):  # the root first: its summon does FSDP's lazy init
